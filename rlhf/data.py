@@ -1,0 +1,156 @@
+"""Prompts: loading from JSONL, text or `datasets` directories, tokenising, streaming in order."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.config import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+class DataError(UserInputError):
+    """A data file that cannot be read as the documented format; names file and line."""
+
+
+@dataclass
+class Prompt:
+    text: str
+    """The prompt as the user wrote it (what a reward function or text reward model sees)."""
+    messages: list | None = None
+    """Chat messages, when the prompt was given as a conversation."""
+
+
+def _prompt_from_record(record: dict, where: str) -> Prompt:
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+        return Prompt(text="\n".join(m["content"] for m in messages), messages=messages)
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise DataError(f"{where}: `prompt` must be a non-empty string")
+        return Prompt(text=record["prompt"])
+    raise DataError(f"{where}: expected a `prompt` or `messages` field, found {sorted(record)}")
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a JSONL file, a text file (one a line) or a `datasets.save_to_disk` directory."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.prompts: {path} does not exist")
+    prompts: list[Prompt] = []
+    if path.is_dir():
+        try:
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises several types for a directory it cannot read
+            raise DataError(f"data.prompts: {path} is not a dataset saved with save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        for i, record in enumerate(ds):
+            prompts.append(_prompt_from_record(record, f"{path} row {i}"))
+    elif path.suffix in (".jsonl", ".json"):
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object")
+            prompts.append(_prompt_from_record(record, f"{path} line {lineno}"))
+    else:
+        prompts = [Prompt(text=line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"data.prompts: {path} holds no prompts")
+    return prompts
+
+
+def tokenize_prompts(
+    prompts: list[Prompt],
+    tokenizer,
+    max_tokens: int,
+    chat_template: bool = True,
+    system_prompt: str | None = None,
+) -> list[list[int]]:
+    """Token ids of each prompt; the chat template is applied when asked and available.
+
+    Prompts longer than `max_tokens` keep their last `max_tokens` tokens (the end of a prompt
+    is what the response continues); one warning says how many were cut.
+    """
+    use_template = chat_template and getattr(tokenizer, "chat_template", None)
+    out, truncated = [], 0
+    for p in prompts:
+        if use_template:
+            messages = p.messages or [{"role": "user", "content": p.text}]
+            if system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system_prompt}, *messages]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+        else:
+            ids = tokenizer(p.text, add_special_tokens=True)["input_ids"]
+        if len(ids) > max_tokens:
+            truncated += 1
+            ids = ids[-max_tokens:]
+        out.append(ids)
+    if truncated:
+        log.warning("%d of %d prompts were longer than data.max_prompt_tokens=%d and were truncated from the left",
+                    truncated, len(prompts), max_tokens)
+    return out
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask (generation continues from the right edge)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+class PromptStream:
+    """Shuffled prompts, epoch after epoch, with a position that resumes exactly.
+
+    Every process shares the order (same seed) and takes its own shard of each global batch.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        """Indices of this process's `batch_size` prompts for the next step."""
+        global_batch = []
+        while len(global_batch) < batch_size * self.world_size:
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            global_batch.append(self._order[self.position])
+            self.position += 1
+        return global_batch[self.rank * batch_size:(self.rank + 1) * batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()

