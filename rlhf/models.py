@@ -63,7 +63,12 @@ def _convert_smollm2(target: Path) -> None:
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    # The converted weights are plain fp32: a leftover GGUF quantization_config would make
+    # every later save_pretrained refuse the model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     # <|im_end|> is both EOS and the default pad, and it also appears inside chat prompts:
     # a distinct pad keeps the EOS the policy must learn to emit out of the padding mask.
@@ -83,8 +88,10 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None, field: str = 
     key = name_or_path.lower()
     if key == SMOLLM2:
         target = cache_root(cache_dir) / "models" / SMOLLM2
-        if not (target / "config.json").is_file():
+        config = target / "config.json"
+        if not config.is_file() or "quantization_config" in json.loads(config.read_text()):
             target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
             _convert_smollm2(target)
         return target
     if key == MINILM:

@@ -1,0 +1,562 @@
+"""The mathematics of RLHF as pure functions over tensors.
+
+No models, no I/O, no config objects: log-probs, masked statistics, KL estimators, GAE and
+the losses of PPO, A2C, the critic and the Bradley-Terry reward model.
+
+Conventions used throughout:
+
+- Per-token tensors have shape (batch, response_len).
+- `mask` is 1 on real response tokens and 0 on padding; bool, integer and float masks are
+  accepted and any nonzero entry counts as real. Padding never changes a number on a real
+  token or a statistic: padded inputs are replaced by 0 *before* any arithmetic (a large or
+  non-finite value times a 0 mask would still be NaN), and padded outputs are 0.
+- Bad input (mismatched shapes, integer log-probs, an all-zero mask, an out-of-range
+  hyper-parameter) raises a ValueError that names the argument, never a silent NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
+# logprobs_from_logits / entropy_from_logits convert at most this many logits to fp32 at a
+# time (64 MiB), so a bf16 (batch, len, vocab) tensor never gets a full fp32 twin.
+_FP32_CHUNK_ELEMENTS = 2**24
+
+
+# --------------------------------------------------------------------------------------
+# Input checks, written once
+# --------------------------------------------------------------------------------------
+
+
+def _check_tensors(mask: torch.Tensor | None = None, **tensors: torch.Tensor) -> torch.Tensor | None:
+    """Check that `tensors` are floating point and share one shape, and that `mask` has that
+    shape and at least one real token. Returns the mask as bool (None if none was given)."""
+    shape, first = None, None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        if shape is None:
+            shape, first = t.shape, name
+        elif t.shape != shape:
+            raise ValueError(
+                f"{name}: expected shape {tuple(shape)} (the shape of {first}), got {tuple(t.shape)}"
+            )
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != shape:
+        raise ValueError(
+            f"mask: expected shape {tuple(shape)} (the shape of {first}), got {tuple(mask.shape)}"
+        )
+    mask = mask != 0
+    if not mask.any():
+        raise ValueError("mask: expected at least one real token (a nonzero entry), got all zeros")
+    return mask
+
+
+def _check_number(
+    name: str, value: float, low: float, high: float = math.inf, low_open: bool = False
+) -> float:
+    """Check `low <= value <= high` (`low < value` if `low_open`); NaN never passes."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{']' if high < math.inf else ')'}"
+        raise ValueError(f"{name}: expected a number in {interval}, got {value}")
+    return value
+
+
+def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x on real tokens, 0 on padding (bool mask). Doing this first keeps padded garbage
+    out of every later exp/square, and out of the gradient: where() routes no gradient to
+    the branch it did not pick."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """masked_mean without the input checks, for callers that already made them."""
+    if dim is None:
+        return _zero_padding(x, mask).sum() / mask.sum()
+    return _zero_padding(x, mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def _masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """masked_var without the input checks."""
+    n = mask.sum()
+    centred = _zero_padding(x - _masked_mean(x, mask), mask)
+    var = (centred**2).sum() / n
+    if unbiased:
+        if n < 2:
+            raise ValueError("mask: expected at least 2 real tokens for an unbiased variance, got 1")
+        var = var * n / (n - 1)
+    return var
+
+
+def _to_floats(**values: torch.Tensor) -> dict[str, float]:
+    """Detached 0-d tensors -> python floats with one device sync instead of one per value."""
+    numbers = torch.stack([v.detach().float() for v in values.values()]).tolist()
+    return dict(zip(values.keys(), numbers))
+
+
+# --------------------------------------------------------------------------------------
+# Log-probabilities and entropy from logits
+# --------------------------------------------------------------------------------------
+
+
+def _fp32_chunks(logits: torch.Tensor):
+    """Yield (rows, fp32 copy of logits[rows]) over dim 0, a bounded number of elements at
+    a time. An empty batch still yields one (empty) chunk so callers can torch.cat."""
+    n = logits.shape[0]
+    rows = max(1, _FP32_CHUNK_ELEMENTS // max(1, logits[0:1].numel()))
+    for start in range(0, max(n, 1), rows):
+        sl = slice(start, start + rows)
+        yield sl, logits[sl].float()
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-token log-probabilities of `labels` under softmax(logits / temperature).
+
+        log pi(y_t) = z_{y_t} / T - logsumexp_v(z_v / T)
+
+    logits: (B, T, V), any float dtype; labels: (B, T) token ids. Returns fp32 (B, T).
+
+    Computed as the label's logit minus the logsumexp, in fp32, a chunk of the batch at a
+    time: the full log_softmax (B, T, V) tensor is never built, and bf16 logits never get
+    a full fp32 copy at once. Pass the sampling temperature: recomputing log-probs at T=1
+    for samples drawn at T != 1 makes the KL grow faster than it should.
+    """
+    _check_tensors(logits=logits)
+    if logits.ndim < 2:
+        raise ValueError(f"logits: expected shape (..., vocab), got {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        got = getattr(labels, "dtype", type(labels).__name__)
+        raise ValueError(f"labels: expected an integer tensor of token ids, got {got}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels: expected shape {tuple(logits.shape[:-1])} (logits without the vocab "
+            f"dimension), got {tuple(labels.shape)}"
+        )
+    vocab = logits.shape[-1]
+    if ((labels < 0) | (labels >= vocab)).any():
+        raise ValueError(f"labels: expected token ids in [0, {vocab}), got values outside it")
+    temperature = _check_number("temperature", temperature, 0.0, low_open=True)
+
+    out = []
+    for rows, z in _fp32_chunks(logits):
+        if temperature != 1.0:
+            z = z / temperature
+        label_logits = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1)
+        out.append(label_logits - torch.logsumexp(z, dim=-1))
+    return torch.cat(out)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits), in fp32: (B, T, V) -> (B, T).
+
+        H = logsumexp(z) - sum_v softmax(z)_v * z_v
+
+    The logits are first shifted so that the largest is 0 (H does not change): with
+    logits of size 1e4 the two terms would otherwise be two large numbers whose fp32
+    difference is mostly rounding error. -inf logits (masked vocabulary) contribute 0.
+    """
+    _check_tensors(logits=logits)
+    if logits.ndim < 2:
+        raise ValueError(f"logits: expected shape (..., vocab), got {tuple(logits.shape)}")
+    out = []
+    for _, z in _fp32_chunks(logits):
+        z = z - z.amax(dim=-1, keepdim=True).detach()
+        p = torch.softmax(z, dim=-1)
+        # Clamp -inf to the lowest finite value: p is exactly 0 there, and 0 * -inf is NaN.
+        z_finite = z.clamp(min=torch.finfo(z.dtype).min)
+        out.append(torch.logsumexp(z, dim=-1) - (p * z_finite).sum(dim=-1))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over real tokens: sum(x * mask) / sum(mask).
+
+    With `dim`, the mean along that dimension; a row with no real token gets 0.
+    """
+    mask = _check_tensors(mask, x=x)
+    return _masked_mean(x, mask, dim)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over real tokens (a 0-d tensor):
+
+        mu  = masked_mean(x)
+        var = sum(mask * (x - mu)^2) / (n - 1)      (n = number of real tokens; n if not unbiased)
+
+    The unbiased form needs n >= 2 and raises otherwise rather than return inf/NaN.
+    """
+    mask = _check_tensors(mask, x=x)
+    return _masked_var(x, mask, unbiased)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise x to mean 0 and variance 1 over real tokens:
+
+        x_white = (x - mu) / sqrt(var + 1e-8)        (+ mu again if not shift_mean)
+
+    mu and var (unbiased) come from real tokens only, so padding never shifts them; padded
+    positions of the output are 0. Used on advantages over the whole rollout batch.
+    """
+    mask = _check_tensors(mask, x=x)
+    mean, var = _masked_mean(x, mask), _masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _zero_padding(whitened, mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """How much of the variance of the returns the critic explains, over real tokens:
+
+        EV = 1 - Var[R - V] / Var[R]
+
+    1 is a perfect critic, 0 no better than a constant, below 0 worse than a constant.
+    When Var[R] == 0 (all returns equal, or one real token) the ratio is undefined; this
+    returns 0.0 then (no claim of explanation) instead of NaN.
+    """
+    mask = _check_tensors(mask, values=values, returns=returns)
+    values, returns = values.detach(), returns.detach()
+    var_returns = _masked_var(returns, mask, unbiased=False)
+    var_residual = _masked_var(returns - values, mask, unbiased=False)
+    stats = _to_floats(var_returns=var_returns, var_residual=var_residual)
+    if stats["var_returns"] == 0.0:
+        return 0.0
+    return 1.0 - stats["var_residual"] / stats["var_returns"]
+
+
+# --------------------------------------------------------------------------------------
+# KL penalty against the reference policy, folded into per-token rewards
+# --------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman,
+    "Approximating KL divergence"), with log_ratio = logprobs - ref_logprobs:
+
+        k1  = log_ratio                              unbiased, can be negative per token
+        k2  = 0.5 * log_ratio^2                      biased, low variance, >= 0
+        k3  = exp(-log_ratio) - 1 + log_ratio        unbiased, >= 0
+        abs = |log_ratio|
+
+    All are 0 where the two policies agree. Elementwise: padded positions give whatever
+    their inputs give, and the caller masks them.
+    """
+    _check_tensors(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KL_KINDS)}, got {kind!r}")
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        # expm1 keeps precision for small log_ratio, where k3 ~ log_ratio^2 / 2.
+        return torch.expm1(-log_ratio) + log_ratio
+    return log_ratio.abs()
+
+
+def shape_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kind: str = "k1",
+) -> torch.Tensor:
+    """Per-token rewards (InstructGPT): a KL penalty on every real token and the reward
+    model's score on the last one,
+
+        r_t = -kl_coef * KL_t                        for real t before the last
+        r_T = -kl_coef * KL_T + score                at the last real token T
+
+    and 0 on padding. scores: (B,); the others (B, T); `logprobs` are the rollout policy's.
+    Rewards are constants for the update, so the result carries no gradient.
+    """
+    mask = _check_tensors(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    _check_tensors(scores=scores)
+    if scores.shape != logprobs.shape[:1]:
+        raise ValueError(
+            f"scores: expected shape ({logprobs.shape[0]},), one score per response, "
+            f"got {tuple(scores.shape)}"
+        )
+    if not mask.any(dim=-1).all():
+        raise ValueError(
+            "mask: expected at least one real token in every response (its score goes on the last)"
+        )
+    kl_coef = _check_number("kl_coef", kl_coef, 0.0)
+
+    with torch.no_grad():
+        logprobs, ref_logprobs = _zero_padding(logprobs, mask), _zero_padding(ref_logprobs, mask)
+        rewards = -kl_coef * kl_penalty(logprobs, ref_logprobs, kind)
+        # Index of the last real token: the largest position whose mask is set.
+        positions = torch.arange(mask.shape[-1], device=mask.device)
+        last = torch.where(mask, positions, -1).argmax(dim=-1)
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        rewards[rows, last] += scores.to(rewards.dtype)
+        return _zero_padding(rewards, mask)
+
+
+class _KLController:
+    """The current KL coefficient `value`, and what a resume needs to restore it."""
+
+    value: float
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = _check_number("value", state["value"], 0.0)
+
+
+class FixedKLController(_KLController):
+    """A constant KL coefficient: update() does nothing."""
+
+    def __init__(self, kl_coef: float):
+        self.value = _check_number("kl_coef", kl_coef, 0.0)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController(_KLController):
+    """Moves the KL coefficient toward a target KL (Ziegler et al. 2019):
+
+        err   = clip(current_kl / target - 1, -0.2, 0.2)
+        value = value * (1 + err * n_steps / horizon)
+
+    KL above target raises the coefficient, below lowers it; the clip bounds the step, and
+    `horizon` (in samples, like n_steps) sets how fast it moves.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value = _check_number("init_kl_coef", init_kl_coef, 0.0)
+        self.target = _check_number("target", target, 0.0, low_open=True)
+        self.horizon = _check_number("horizon", horizon, 0.0, low_open=True)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        current_kl = _check_number("current_kl", current_kl, -math.inf)
+        n_steps = _check_number("n_steps", n_steps, 0.0)
+        err = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+
+
+# --------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each response, backwards in time:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t         (V after the last real token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t                           (the critic's target)
+
+    Returns (advantages, returns), both detached, 0 on padding. Padded positions are
+    skipped: "t+1" is the next *real* token, so padded rewards and values never enter a
+    real token's number. Right padding (the usual case) just ends the response; left
+    padding or a hole in the mask is treated as if those positions were absent.
+    """
+    mask = _check_tensors(mask, rewards=rewards, values=values)
+    gamma = _check_number("gamma", gamma, 0.0, 1.0)
+    lam = _check_number("lam", lam, 0.0, 1.0)
+
+    with torch.no_grad():
+        rewards, values = _zero_padding(rewards, mask), _zero_padding(values, mask)
+        advantages = torch.zeros_like(rewards)
+        next_value = torch.zeros_like(rewards[:, 0])
+        next_advantage = torch.zeros_like(rewards[:, 0])
+        for t in reversed(range(rewards.shape[1])):
+            real = mask[:, t]
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            advantage = delta + gamma * lam * next_advantage
+            advantages[:, t] = torch.where(real, advantage, 0.0)
+            next_value = torch.where(real, values[:, t], next_value)
+            next_advantage = torch.where(real, advantage, next_advantage)
+        returns = _zero_padding(advantages + values, mask)
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------
+
+
+def ppo_clip_side(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> torch.Tensor:
+    """Per token, which side of the PPO clip is active (int8):
+
+        +1  ratio > 1 + clip_eps_high and A > 0      (the gain is capped)
+        -1  ratio < 1 - clip_eps and A < 0           (the loss is capped)
+         0  otherwise: the unclipped term rho * A is selected
+
+    These are exactly the tokens where min(rho * A, clip(rho) * A) strictly picks the
+    clipped term, i.e. where the token gets no gradient.
+    """
+    _check_tensors(ratio=ratio, advantages=advantages)
+    clip_eps = _check_number("clip_eps", clip_eps, 0.0, 1.0)
+    clip_eps_high = clip_eps if clip_eps_high is None else _check_number("clip_eps_high", clip_eps_high, 0.0)
+    high = (ratio > 1.0 + clip_eps_high) & (advantages > 0)
+    low = (ratio < 1.0 - clip_eps) & (advantages < 0)
+    return high.to(torch.int8) - low.to(torch.int8)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate loss (Schulman et al. 2017), a mean over real tokens:
+
+        rho_t = exp(log pi(y_t) - log pi_old(y_t))
+        loss  = -mean_t min(rho_t * A_t, clip(rho_t, 1 - clip_eps, 1 + clip_eps_high) * A_t)
+
+    `old_logprobs` are the rollout policy's (not the frozen reference model's). Where the
+    clipped term is selected the token contributes no gradient. clip_eps_high defaults to
+    clip_eps (a larger one is DAPO's "clip-higher").
+
+    Stats (python floats):
+        clipfrac   share of real tokens where the clipped term is strictly selected
+        approx_kl  mean of (rho - 1) - log rho, the k3 estimate of KL(pi_old || pi)
+        ratio_mean, ratio_max   of rho over real tokens
+    """
+    mask = _check_tensors(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    clip_eps = _check_number("clip_eps", clip_eps, 0.0, 1.0)
+    clip_eps_high = clip_eps if clip_eps_high is None else _check_number("clip_eps_high", clip_eps_high, 0.0)
+
+    logprobs = _zero_padding(logprobs, mask)
+    old_logprobs = _zero_padding(old_logprobs.detach(), mask)
+    advantages = _zero_padding(advantages.detach(), mask)
+
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high) * advantages
+    loss = -_masked_mean(torch.minimum(unclipped, clipped), mask)
+
+    with torch.no_grad():
+        is_clipped = ppo_clip_side(ratio, advantages, clip_eps, clip_eps_high) != 0
+        stats = _to_floats(
+            clipfrac=_masked_mean(is_clipped.float(), mask),
+            approx_kl=_masked_mean((ratio - 1.0) - log_ratio, mask),
+            ratio_mean=_masked_mean(ratio, mask),
+            ratio_max=torch.where(mask, ratio, -math.inf).max(),
+        )
+    return loss, stats
+
+
+def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The basic policy-gradient (A2C) loss, a mean over real tokens:
+
+        loss = -mean_t log pi(y_t | x, y_<t) * A_t
+
+    A is a constant (detached): minimising the loss raises the probability of tokens with
+    positive advantage and lowers it for negative advantage.
+    """
+    mask = _check_tensors(mask, logprobs=logprobs, advantages=advantages)
+    logprobs = _zero_padding(logprobs, mask)
+    advantages = _zero_padding(advantages.detach(), mask)
+    return -_masked_mean(logprobs * advantages, mask)
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float | None = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss of the critic, a mean over real tokens:
+
+        V_clip = clip(V, V_old - c, V_old + c)
+        loss   = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+
+    `old_values` are the rollout's, `returns` the GAE targets (both constants). With
+    clip_range=None it is the plain 0.5 * mean (V - R)^2.
+
+    Stats (python floats): vf_clipfrac, the share of real tokens where the clipped term is
+    strictly larger (0 without clipping); value_mean, the mean of V.
+    """
+    mask = _check_tensors(mask, values=values, old_values=old_values, returns=returns)
+    if clip_range is not None:
+        clip_range = _check_number("clip_range", clip_range, 0.0)
+
+    values = _zero_padding(values, mask)
+    old_values = _zero_padding(old_values.detach(), mask)
+    returns = _zero_padding(returns.detach(), mask)
+
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        per_token, vf_clipped = unclipped, torch.zeros_like(mask)
+    else:
+        values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+        clipped = (values_clipped - returns) ** 2
+        per_token, vf_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = 0.5 * _masked_mean(per_token, mask)
+
+    stats = _to_floats(
+        vf_clipfrac=_masked_mean(vf_clipped.float(), mask),
+        value_mean=_masked_mean(values.detach(), mask),
+    )
+    return loss, stats
+
+
+def pairwise_reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Bradley-Terry loss of a reward model on preference pairs:
+
+        loss = -mean log sigmoid(r_chosen - r_rejected - margin)
+
+    log sigmoid is computed directly (softplus form), stable for any reward gap. Returns
+    (loss, accuracy): accuracy is the share of pairs with r_chosen > r_rejected strictly
+    (a tie counts as wrong). The loss is log 2 when the rewards are equal.
+    """
+    _check_tensors(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    if chosen_rewards.numel() == 0:
+        raise ValueError("chosen_rewards: expected at least one pair, got an empty tensor")
+    gap = chosen_rewards - rejected_rewards
+    if margin is not None:
+        if isinstance(margin, torch.Tensor) and margin.ndim > 0:
+            _check_tensors(chosen_rewards=chosen_rewards, margin=margin)
+        gap = gap - margin
+    loss = -F.logsigmoid(gap).mean()
+    accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
+    return loss, accuracy
