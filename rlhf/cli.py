@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from rlhf.ppo import NonFiniteError
+
+        if not isinstance(e, NonFiniteError):
+            raise
+        print(f"rlhf {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -187,7 +187,15 @@ def load_critic(path: Path, from_reward_model: bool, trust_remote_code: bool = F
     """
     from transformers import AutoModelForTokenClassification
 
-    model = _from_pretrained(AutoModelForTokenClassification, path, trust_remote_code, num_labels=1)
+    from transformers.utils import logging as hf_logging
+
+    # The head is new on purpose: silence the load report that lists it as missing.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = _from_pretrained(AutoModelForTokenClassification, path, trust_remote_code, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if not from_reward_model and isinstance(head, nn.Linear):
         init_scalar_head(head)

@@ -34,13 +34,9 @@ from rlhf.diagnostics import HealthMonitor, distinct_n, repeated_ngram_fraction
 from rlhf.models import (atomic_save_pretrained, init_scalar_head, load_critic, load_policy, load_tokenizer,
                          resolve_model)
 from rlhf.rewards import Reward, call_text_function, import_function
-from rlhf.rollout import Rollout, critic_forward, generate, policy_forward, warn_off_policy
+from rlhf.rollout import NonFiniteError, Rollout, critic_forward, generate, policy_forward, warn_off_policy
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf reached a loss, reward or gradient; the step was refused."""
 
 
 def _check_finite(tensor: torch.Tensor, where: str) -> None:
@@ -526,6 +522,8 @@ class PPOTrainer:
                 for alert in self.monitor.observe(metrics):
                     self._write("alerts.jsonl", _asdict(alert))
                     bar.write(f"[{alert.severity}] step {alert.step} {alert.check}: {alert.message}")
+                    if alert.severity == "error":
+                        raise NonFiniteError(alert.message)
                 bar.update(1)
                 bar.set_postfix({"score": f"{metrics['reward/score_mean']:.3f}", "kl": f"{metrics['kl/ref_mean']:.3f}",
                                  "len": f"{metrics['response/length_mean']:.1f}"})

