@@ -324,3 +324,83 @@ def test_two_ppo_steps_on_smollm2(workdir, tmp_path):
 
     assert resolve_model("smollm2-135m-instruct", str(cache)) == converted
     assert (converted / "model.safetensors").stat().st_mtime == stamp  # a second run does not convert again
+
+
+# ------------------------------------------------------------------------------------------
+# Reward models
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder_reward_dir(tiny_policy_dir, tmp_path_factory):
+    """A one-label Llama classifier sharing the tiny policy's tokenizer."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("decoder_rm")
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_policy_dir, num_labels=1)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_policy_dir).save_pretrained(path)
+    return path
+
+
+def test_reward_model_reads_policy_tokens_exactly_as_text(workdir, tiny_policy_dir, tiny_decoder_reward_dir):
+    """Same tokenizer: the fast path scores the policy's own left-padded ids; it must agree
+    with decoding and re-tokenising the text, so padding and positions are handled right."""
+    cfg = make_config(workdir, tiny_policy_dir, train__steps=1, reward__function=None,
+                      reward__model=str(tiny_decoder_reward_dir), model__critic="reward")
+    trainer = PPOTrainer(cfg)
+    assert trainer.reward.same_tokenizer
+    from rlhf.data import left_pad
+    from rlhf.rollout import Rollout
+
+    # Known ASCII text (a random byte-level policy emits invalid UTF-8, which no text
+    # round-trips), with prompts and responses of different lengths on both sides.
+    prompts = ["hi", "the sea is", "a much longer prompt than the others"]
+    responses = [" there friend", " blue", " and it goes on"]
+    tok = trainer.tokenizer
+    prompt_ids, prompt_mask = left_pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id)
+    resp = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]
+    width = max(map(len, resp))
+    response_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in resp])
+    response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in resp])
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(3, dtype=torch.bool))
+    assert trainer._decode(rollout) == responses
+    fast = trainer.reward.raw(prompts, responses, rollout.sequence_ids, rollout.attention_mask)
+    slow = trainer.reward.raw(prompts, responses)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    assert fast.std() > 0
+    # The critic starts from the reward model: its head carries the reward head's weights.
+    critic = trainer.accelerator.unwrap_model(trainer.critic)
+    torch.testing.assert_close(critic.score.weight, trainer.reward.model.score.weight)
+    trainer.train()
+
+
+def test_critic_from_a_reward_model_with_another_tokenizer_is_refused(workdir, tiny_policy_dir, tiny_reward_dir):
+    from rlhf.config import UserInputError
+
+    # The tiny BERT reward model has the same byte vocabulary but is an encoder: what matters is
+    # that per-token values need the policy's tokens; a text reward with another tokenizer is fine.
+    cfg = make_config(workdir, tiny_policy_dir, reward__function=None, reward__model=str(tiny_reward_dir),
+                      model__critic="reward", train__steps=1)
+    try:
+        trainer = PPOTrainer(cfg)
+    except UserInputError as e:
+        assert "model.critic" in str(e)
+    else:  # same vocabulary: allowed, and it must run
+        trainer.train()
+    cfg = make_config(workdir, tiny_policy_dir, "text_rm", reward__function=None, reward__model=str(tiny_reward_dir),
+                      train__steps=2)
+    PPOTrainer(cfg).train()
+    assert len(metrics(workdir / "text_rm")) == 2
+
+
+@pytest.mark.parametrize("kind", ["k1", "k3"])
+def test_kl_in_the_loss_instead_of_the_reward(workdir, tiny_policy_dir, kind):
+    cfg = make_config(workdir, tiny_policy_dir, ppo__kl_in_reward=False, ppo__kl_estimator=kind, ppo__kl_coef=0.5,
+                      train__steps=3)
+    PPOTrainer(cfg).train()
+    rows = metrics(workdir / "run")
+    # The per-token rewards carry no KL term then: their sum is the score alone.
+    assert all(r["reward/total_mean"] == pytest.approx(r["reward/score_mean"], abs=1e-5) for r in rows)
