@@ -124,20 +124,8 @@ def _fp32_chunks(logits: torch.Tensor):
         yield sl, logits[sl].float()
 
 
-def logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Per-token log-probabilities of `labels` under softmax(logits / temperature).
-
-        log pi(y_t) = z_{y_t} / T - logsumexp_v(z_v / T)
-
-    logits: (B, T, V), any float dtype; labels: (B, T) token ids. Returns fp32 (B, T).
-
-    Computed as the label's logit minus the logsumexp, in fp32, a chunk of the batch at a
-    time: the full log_softmax (B, T, V) tensor is never built, and bf16 logits never get
-    a full fp32 copy at once. Pass the sampling temperature: recomputing log-probs at T=1
-    for samples drawn at T != 1 makes the KL grow faster than it should.
-    """
+def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    """The checks of logprobs_from_logits; returns the temperature as a float."""
     _check_tensors(logits=logits)
     if logits.ndim < 2:
         raise ValueError(f"logits: expected shape (..., vocab), got {tuple(logits.shape)}")
@@ -152,8 +140,24 @@ def logprobs_from_logits(
     vocab = logits.shape[-1]
     if ((labels < 0) | (labels >= vocab)).any():
         raise ValueError(f"labels: expected token ids in [0, {vocab}), got values outside it")
-    temperature = _check_number("temperature", temperature, 0.0, low_open=True)
+    return _check_number("temperature", temperature, 0.0, low_open=True)
 
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-token log-probabilities of `labels` under softmax(logits / temperature).
+
+        log pi(y_t) = z_{y_t} / T - logsumexp_v(z_v / T)
+
+    logits: (B, T, V), any float dtype; labels: (B, T) token ids. Returns fp32 (B, T).
+
+    Computed as the label's logit minus the logsumexp, in fp32, a chunk of the batch at a
+    time: the full log_softmax (B, T, V) tensor is never built, and bf16 logits never get
+    a full fp32 copy at once. Pass the sampling temperature: recomputing log-probs at T=1
+    for samples drawn at T != 1 makes the KL grow faster than it should.
+    """
+    temperature = _check_logits_labels(logits, labels, temperature)
     out = []
     for rows, z in _fp32_chunks(logits):
         if temperature != 1.0:
@@ -161,6 +165,35 @@ def logprobs_from_logits(
         label_logits = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1)
         out.append(label_logits - torch.logsumexp(z, dim=-1))
     return torch.cat(out)
+
+
+def logprobs_and_entropy_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logprobs_from_logits(logits, labels, T) and entropy_from_logits(logits / T) in one
+    pass over the vocabulary, sharing one logsumexp per position:
+
+        z = (logits - max) / T          (shift-invariant; keeps large logits exact)
+        log pi(y_t) = z_{y_t} - logsumexp(z)
+        H_t         = sum_v pi_v * (logsumexp(z) - z_v),   pi_v = exp(z_v - logsumexp(z))
+
+    Every term of H is >= 0, so the sum has no cancellation. With `entropy_grad` off the
+    entropy is computed from detached logits: logged, with no graph and no backward through
+    a full-vocabulary softmax (the entropy bonus is off).
+    """
+    temperature = _check_logits_labels(logits, labels, temperature)
+    logprobs, entropies = [], []
+    for rows, z in _fp32_chunks(logits):
+        z = z - z.amax(dim=-1, keepdim=True).detach()
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        logprobs.append((z.gather(-1, labels[rows].unsqueeze(-1)) - lse).squeeze(-1))
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            gap = lse - z if entropy_grad else (lse - z).detach()
+            # A -inf logit has pi = 0 and gap = inf; clamping makes 0 * inf a 0, not NaN.
+            entropies.append((torch.exp(-gap) * gap.clamp(max=torch.finfo(gap.dtype).max)).sum(-1))
+    return torch.cat(logprobs), torch.cat(entropies)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

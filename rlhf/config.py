@@ -66,6 +66,10 @@ class ModelConfig:
     transformers is used."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    onednn_matmul: bool = True
+    """CPU, fp32: do the matmuls of every linear layer (forward and backward) with oneDNN
+    instead of torch's BLAS (MKL, about half as fast on AMD processors). Same maths; the
+    fp32 sums are rounded in another order. bf16 autocast uses oneDNN anyway."""
 
 
 @dataclass
@@ -121,6 +125,11 @@ class RolloutConfig:
     """Nucleus sampling (1: off). Makes samples off-policy: a negative KL follows."""
     early_stop: bool = True
     """Stop generating once every sequence has emitted EOS. Off: always max_new_tokens."""
+    packed_decoding: bool = True
+    """CPU: prepack the policy's weights once per rollout into oneDNN's layout for the
+    small matmuls of each decoding step (about 1.7x faster steps). Same maths; the sums are
+    rounded in another order, so the sampler's log-probs differ from the recomputed ones by
+    about 1e-5 (policy/logprob_gap)."""
 
 
 @dataclass
@@ -141,6 +150,9 @@ class PPOConfig:
     """Critic learning rate (default: 2x lr)."""
     adam_eps: float = 1.0e-5
     """Adam epsilon; 1e-5 is the PPO literature's value."""
+    fused_adamw: bool = True
+    """AdamW as one fused kernel per parameter (CPU and CUDA): about 6x faster optimiser
+    steps on the CPU than the per-operation loop; the same update within fp32 rounding."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
@@ -178,6 +190,11 @@ class PPOConfig:
     """Whiten advantages over the rollout batch with masked statistics."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards (unstable on tiny batches)."""
+    reuse_rollout_forward: bool = True
+    """When one minibatch is the whole rollout batch, the old log-probs and values come from
+    the update's own first forward (same weights, same sequences) instead of a separate
+    no-grad pass: one forward of policy and critic less per step. The ratio of that pass is
+    then exactly 1 instead of 1 within rounding."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import re
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +27,15 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from rlhf import algos
+from rlhf import algos, onednn
 from rlhf.config import Config, UserInputError, from_dict, apply_overrides, save_config, validate_ppo_config
 from rlhf.data import PromptStream, left_pad, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor, distinct_n, repeated_ngram_fraction
 from rlhf.models import (atomic_save_pretrained, init_scalar_head, load_critic, load_policy, load_tokenizer,
                          resolve_model)
 from rlhf.rewards import Reward, call_text_function, import_function
-from rlhf.rollout import NonFiniteError, Rollout, critic_forward, generate, policy_forward, warn_off_policy
+from rlhf.rollout import (NonFiniteError, Rollout, critic_forward, frozen_linears_to_bf16, generate, policy_forward,
+                          warn_off_policy)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ class PPOTrainer:
         else:
             self.ref = load_policy(policy_path, cfg.model.trust_remote_code).eval().requires_grad_(False)
         self.reward = Reward(cfg.reward, tok, cfg.model.cache_dir, cfg.model.trust_remote_code)
+        if cfg.model.dtype == "bfloat16":
+            for frozen in (self.ref, self.reward.model, policy if cfg.model.lora else None):
+                if frozen is not None:
+                    frozen_linears_to_bf16(frozen)
 
         self.value_head = None
         critic = None
@@ -124,14 +129,20 @@ class PPOTrainer:
             if load_tokenizer(critic_path, "left").get_vocab() != tok.get_vocab():
                 raise UserInputError(f"model.critic: {critic_path} has another tokenizer than the policy")
 
+        if cfg.model.dtype == "float32" and cfg.model.onednn_matmul:
+            for model in (policy, self.ref, critic, self.reward.model):
+                if model is not None:
+                    onednn.use_onednn(model)
+
         # Optimisers and schedules: actor and critic apart, each with its own learning rate.
         p = cfg.ppo
         critic_lr = p.critic_lr if p.critic_lr is not None else 2 * p.lr
         actor_params = [q for q in policy.parameters() if q.requires_grad]
         critic_module = self.value_head if self.value_head is not None else critic
-        self.actor_opt = torch.optim.AdamW(actor_params, lr=p.lr, eps=p.adam_eps, weight_decay=p.weight_decay)
+        fused = {"fused": True} if p.fused_adamw else {}
+        self.actor_opt = torch.optim.AdamW(actor_params, lr=p.lr, eps=p.adam_eps, weight_decay=p.weight_decay, **fused)
         self.critic_opt = torch.optim.AdamW(critic_module.parameters(), lr=critic_lr, eps=p.adam_eps,
-                                            weight_decay=p.weight_decay)
+                                            weight_decay=p.weight_decay, **fused)
         schedule = self._lr_lambda
         self.actor_sched = torch.optim.lr_scheduler.LambdaLR(self.actor_opt, schedule)
         self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt, schedule)
@@ -224,8 +235,10 @@ class PPOTrainer:
             return self.value_head(hidden.float()).squeeze(-1)
         return critic_forward(self.critic, rollout, self.cfg.model.dtype)
 
-    def _raw_scores(self, prompts: list[str], responses: list[str], rollout: Rollout) -> torch.Tensor:
+    def _raw_scores(self, prompts: list[str], responses: list[str], rollout: Rollout | None = None) -> torch.Tensor:
         dtype = torch.bfloat16 if self.cfg.model.dtype == "bfloat16" else None
+        if rollout is None:
+            return self.reward.raw(prompts, responses, dtype=dtype)
         return self.reward.raw(prompts, responses, rollout.sequence_ids, rollout.attention_mask, dtype)
 
     # ----------------------------------------------------------------------------------
@@ -245,13 +258,20 @@ class PPOTrainer:
         prompts = [self.prompts[i].text for i in indices]
         responses = self._decode(rollout)
         mask = rollout.response_mask
+        # With one minibatch covering the batch, the first update pass would run the policy
+        # and critic on the same sequences with the same weights: run them once, with
+        # gradients, and keep that pass for the update.
+        kept = self._loss_forward(rollout) if self._reuses_rollout_forward() else None
         with torch.no_grad():
-            old_logprobs, _, hidden = policy_forward(self.policy, rollout, cfg.rollout.temperature, cfg.model.dtype,
-                                                     with_hidden=self.value_head is not None)
+            if kept is not None:
+                old_logprobs, old_values = kept[0].detach(), kept[2].detach() * mask
+            else:
+                old_logprobs, _, hidden = policy_forward(self.policy, rollout, cfg.rollout.temperature,
+                                                         cfg.model.dtype, with_hidden=self.value_head is not None)
+                old_values = self._values(rollout, hidden) * mask
             ref_logprobs = self._ref_logprobs(rollout)
-            old_values = self._values(rollout, hidden) * mask
             raw = self._raw_scores(prompts, responses, rollout)
-            baseline = self.reward.raw(prompts, [""] * len(prompts)) if cfg.reward.baseline else None
+            baseline = self._raw_scores(prompts, [""] * len(prompts)) if cfg.reward.baseline else None
             scores = self.reward.process(raw, rollout.has_eos, baseline)
             _check_finite(scores, "reward scores")
             _check_finite(old_logprobs, "policy log-probs")
@@ -268,7 +288,8 @@ class PPOTrainer:
         t_score = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        update_stats, new_logprobs = self._update(rollout, old_logprobs, ref_logprobs, old_values, advantages, returns)
+        update_stats, new_logprobs = self._update(rollout, old_logprobs, ref_logprobs, old_values, advantages, returns,
+                                                  kept)
         t_update = time.perf_counter() - t2
 
         # KL controller moves on the KL of the rollout (sequence sum of k1, mean over batch).
@@ -288,9 +309,7 @@ class PPOTrainer:
         """Masked whitening over the global batch (all processes)."""
         if self.world == 1:
             return algos.masked_whiten(x, mask, shift_mean)
-        acc = self.accelerator
-        xs = acc.gather(acc.pad_across_processes(x, dim=1))
-        ms = acc.gather(acc.pad_across_processes(mask, dim=1))
+        xs, ms = self._gather_tokens(x), self._gather_tokens(mask)
         mean, var = algos.masked_mean(xs, ms), algos.masked_var(xs, ms)
         out = (x - mean) * torch.rsqrt(var + 1e-8)
         if not shift_mean:
@@ -301,7 +320,40 @@ class PPOTrainer:
         """Mean of a per-sequence tensor over all processes."""
         return self.accelerator.gather(x).float().mean()
 
-    def _update(self, rollout, old_logprobs, ref_logprobs, old_values, advantages, returns):
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over all its elements and all processes."""
+        return self.accelerator.reduce(x.sum(), "sum") if self.world > 1 else x.sum()
+
+    def _gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-token (B, R) tensor of every process, padded to the widest R (with zeros)."""
+        if self.world == 1:
+            return x
+        return self.accelerator.gather(self.accelerator.pad_across_processes(x, dim=1))
+
+    def _reuses_rollout_forward(self) -> bool:
+        """True when the first update pass is one forward over the whole rollout batch."""
+        p, B = self.cfg.ppo, self.cfg.rollout.batch_size
+        mb_size = B if p.algo == "a2c" else (p.minibatch_size or B)
+        return p.reuse_rollout_forward and mb_size == B and (p.micro_batch_size or mb_size) >= B
+
+    def _loss_forward(self, rollout: Rollout):
+        """Log-probs, entropy and values with gradients: what the losses need."""
+        cfg = self.cfg
+        if cfg.model.gradient_checkpointing:
+            self.policy.train()  # transformers checkpoints only in training mode; dropout is already 0
+        logprobs, entropy, hidden = policy_forward(
+            self.policy, rollout, cfg.rollout.temperature, cfg.model.dtype, with_entropy=True,
+            entropy_grad=cfg.ppo.entropy_coef > 0, with_hidden=self.value_head is not None)
+        self.policy.eval()
+        if self.value_head is not None:
+            values = self.value_head(hidden.float()).squeeze(-1)
+        else:
+            values = critic_forward(self.critic, rollout, cfg.model.dtype)
+        return logprobs, entropy, values
+
+    def _update(self, rollout, old_logprobs, ref_logprobs, old_values, advantages, returns, kept=None):
+        """`kept`: (logprobs, entropy, values) with gradients from the scoring pass, used for
+        the first minibatch instead of a new forward (see _reuses_rollout_forward)."""
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
         B = rollout.response_ids.shape[0]
         mb_size = B if p.algo == "a2c" else (p.minibatch_size or B)
@@ -310,22 +362,31 @@ class PPOTrainer:
         epochs = 1 if p.algo == "a2c" else p.epochs
         stats: dict[str, list[float]] = {}
         new_logprobs = old_logprobs.clone()
-        T, dtype = cfg.rollout.temperature, cfg.model.dtype
-        if cfg.model.gradient_checkpointing:
-            self.policy.train()  # transformers checkpoints only in training mode; dropout is already 0
         for _ in range(epochs):
             order = torch.randperm(B, generator=self.shuffle_rng)
+            if kept is not None:
+                order = torch.arange(B)  # the kept pass is in rollout order; one minibatch, so no shuffle is lost
             for start in range(0, B, mb_size):
                 mb = order[start:start + mb_size]
                 chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
+                # The losses are token means over the minibatch of all processes: each chunk
+                # weighs its share of those tokens (times the world size, as DDP averages the
+                # gradients), so that sharding and micro-batching do not change the update.
+                mb_tokens = self._sum(rollout.response_mask[mb])
                 for i, idx in enumerate(chunks):
                     sub = rollout.select(idx)
                     m = sub.response_mask
+                    weight = m.sum() * self.world / mb_tokens
                     # Accumulate micro-batch gradients locally; DDP syncs on the last one.
-                    sync = acc.no_sync(self.policy) if i < len(chunks) - 1 and self.world > 1 else nullcontext()
+                    sync = ExitStack()
+                    if i < len(chunks) - 1 and self.world > 1:
+                        for module in (self.policy, self.critic if self.critic is not None else self.value_head):
+                            sync.enter_context(acc.no_sync(module))
                     with sync:
-                        logprobs, entropy, hidden = policy_forward(
-                            self.policy, sub, T, dtype, with_entropy=True, with_hidden=self.value_head is not None)
+                        if kept is not None:
+                            (logprobs, entropy, values), kept = kept, None
+                        else:
+                            logprobs, entropy, values = self._loss_forward(sub)
                         if p.algo == "ppo":
                             pg_loss, pg_stats = algos.ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], m,
                                                                       p.clip_eps, p.clip_eps_high)
@@ -337,18 +398,14 @@ class PPOTrainer:
                         if not p.kl_in_reward and self.kl_ctl.value > 0:
                             loss = loss + self.kl_ctl.value * algos.masked_mean(
                                 algos.kl_penalty(logprobs, ref_logprobs[idx], p.kl_estimator), m)
-                        if self.value_head is not None:
-                            values = self.value_head(hidden.float()).squeeze(-1)
-                        else:
-                            values = critic_forward(self.critic, sub, dtype)
                         v_loss, v_stats = algos.value_loss(values, old_values[idx], returns[idx], m, p.value_clip)
                         if self.value_head is not None:
                             loss = loss + p.vf_coef * v_loss
                         _check_finite(loss.detach(), "policy loss")
                         _check_finite(v_loss.detach(), "value loss")
-                        acc.backward(loss / len(chunks))
+                        acc.backward(loss * weight)
                         if self.value_head is None:
-                            acc.backward(v_loss / len(chunks))
+                            acc.backward(v_loss * weight)
                     new_logprobs[idx] = logprobs.detach()
                     _append(stats, {"policy/loss": pg_loss.item(), "policy/entropy": entropy_mean.item(),
                                     "value/loss": v_loss.item(), **{f"policy/{k}": v for k, v in pg_stats.items()},
@@ -383,6 +440,10 @@ class PPOTrainer:
         all_scores = acc.gather(scores)
         lengths = mask.sum(-1)
         gap = (rollout.gen_logprobs - old_logprobs).abs() * mask if rollout.gen_logprobs is not None else None
+        if self.world > 1:  # text statistics over every process's responses
+            from accelerate.utils import gather_object
+
+            responses = gather_object(responses)
         metrics = {
             "step": self.step,
             "reward/score_mean": all_scores.mean().item(),
@@ -392,8 +453,9 @@ class PPOTrainer:
             "kl/ref_mean": self._mean(seq_kl).item(),
             "kl/coef": kl_coef,
             **{k: acc.reduce(torch.tensor(v), "mean").item() for k, v in update_stats.items()},
-            "value/explained_variance": algos.explained_variance(old_values, returns, mask),
-            "policy/logprob_gap": (gap.sum() / mask.sum()).item() if gap is not None else 0.0,
+            "value/explained_variance": algos.explained_variance(*(self._gather_tokens(t) for t in (old_values, returns,
+                                                                                                   mask))),
+            "policy/logprob_gap": (self._sum(gap) / self._sum(mask)).item() if gap is not None else 0.0,
             "response/length_mean": self._mean(lengths).item(),
             "response/eos_frac": self._mean(rollout.has_eos.float()).item(),
             "response/distinct2": distinct_n(responses, 2),

@@ -12,9 +12,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from torch import nn
 
-from rlhf import algos
+from rlhf import algos, onednn
 from rlhf.config import RolloutConfig
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,18 @@ def autocast(dtype: str):
     return nullcontext()
 
 
+def frozen_linears_to_bf16(model: nn.Module) -> nn.Module:
+    """Store the weights of frozen linear layers in bf16, for a model that only ever runs
+    under bf16 autocast: autocast casts them to bf16 on every forward anyway (the numbers
+    are the same), so this saves that cast each time and half their memory. Weights tied to
+    an embedding stay fp32 (the lookup is not autocast)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad and id(module.weight) not in embeddings:
+            module.to(torch.bfloat16)
+    return model
+
+
 def warn_off_policy(cfg: RolloutConfig) -> None:
     if cfg.top_k or cfg.top_p < 1.0:
         log.warning(
@@ -80,33 +92,76 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> 
     return torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id)), mask, has_eos
 
 
+def _warpers(cfg: RolloutConfig) -> list:
+    """The processors that turn logits into sampling scores: temperature, and top-k / top-p
+    only when asked (transformers' own classes, so the filtering is theirs exactly)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = [TemperatureLogitsWarper(cfg.temperature)] if cfg.temperature != 1.0 else []
+    if cfg.top_k:
+        warpers.append(TopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(cfg.top_p))
+    return warpers
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: RolloutConfig,
              eos_id: int, pad_id: int, dtype: str = "float32") -> Rollout:
-    """Sample responses from the policy itself (no repetition penalty, no min length)."""
-    # An explicit config, not the checkpoint's generation_config: its top_k/top_p/penalties
-    # would make the samples off-policy without anyone noticing.
-    gen_cfg = GenerationConfig(
-        # top_k=None would fall back to transformers' default of 50: 0 is "off".
-        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, repetition_penalty=1.0,
-        # early_stop off: no EOS id, so every sequence runs to max_new_tokens (fixed work).
-        eos_token_id=eos_id if cfg.early_stop else None, pad_token_id=pad_id, use_cache=True,
-        output_scores=True, return_dict_in_generate=True,
-    )
-    try:
-        with autocast(dtype):
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
-    except RuntimeError as e:
-        if "inf" in str(e) or "nan" in str(e):  # torch.multinomial on a broken distribution
-            raise NonFiniteError(f"non-finite policy probabilities during generation ({e})") from None
-        raise
-    response_ids = out.sequences[:, prompt_ids.shape[1]:]
-    response_ids, response_mask, has_eos = truncate_after_eos(response_ids, eos_id, pad_id)
-    # The sampler's own log-probs (scores are the processed logits, temperature included).
-    scores = torch.stack(out.scores, dim=1).float()
-    gen_logprobs = torch.log_softmax(scores, dim=-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    gen_logprobs = torch.where(response_mask.bool(), gen_logprobs, torch.zeros_like(gen_logprobs))
+    """Sample responses from the policy itself (no repetition penalty, no min length).
+
+    A lean loop instead of `model.generate`: the prefill computes logits for the last prompt
+    position only, each decoding step one position with the weights prepacked for its small
+    matmuls (`rollout.packed_decoding`), and the sampler keeps its own log-probs (no
+    (B, R, vocab) score history, no per-token processor machinery). It samples exactly as
+    `generate(do_sample=True)` does: softmax of the processed scores, then multinomial (the
+    same tokens for the same random state).
+    """
+    from transformers import DynamicCache
+
+    B, P = prompt_ids.shape
+    R = cfg.max_new_tokens
+    warpers = _warpers(cfg)
+    # A dynamic cache: under bf16 autocast keys (after the fp32 rotary) and values differ in
+    # dtype, which a static cache cannot hold.
+    cache = DynamicCache(config=model.config)
+    # Every slot of the response is attended once written; the causal mask hides the rest.
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, R)], dim=1)
+    positions = position_ids(mask)
+    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
+    gen_logprobs = torch.zeros(B, R)
+    finished = torch.zeros(B, dtype=torch.bool)
+    width = R
+    packed = onednn.packed_for_decoding(model, B, torch.bfloat16 if dtype == "bfloat16" else torch.float32) \
+        if cfg.packed_decoding and R > 1 else nullcontext()
+    with autocast(dtype):
+        logits = model(input_ids=prompt_ids, attention_mask=mask[:, :P], position_ids=positions[:, :P],
+                       past_key_values=cache, cache_position=torch.arange(P), logits_to_keep=1,
+                       use_cache=True).logits[:, -1]
+    with autocast(dtype), packed:
+        for t in range(R):
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError("non-finite policy probabilities while sampling; the step was refused")
+            scores = logits.float()
+            for warp in warpers:
+                scores = warp(None, scores)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            if cfg.early_stop:
+                # Finished sequences get pad, as in generate(); truncation masks them anyway.
+                token = torch.where(finished, pad_id, token)
+            response_ids[:, t] = token
+            gen_logprobs[:, t] = torch.log_softmax(scores, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+            if cfg.early_stop:
+                finished |= token == eos_id
+                if finished.all():
+                    width = t + 1
+                    break
+            if t + 1 < R:
+                logits = model(input_ids=token[:, None], attention_mask=mask[:, :P + t + 1],
+                               position_ids=positions[:, P + t:P + t + 1], past_key_values=cache,
+                               cache_position=torch.tensor([P + t]), use_cache=True).logits[:, -1]
+    response_ids, response_mask, has_eos = truncate_after_eos(response_ids[:, :width], eos_id, pad_id)
+    gen_logprobs = torch.where(response_mask.bool(), gen_logprobs[:, :width], torch.zeros(()))
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, has_eos, gen_logprobs)
 
 
@@ -116,11 +171,12 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def policy_forward(model, rollout: Rollout, temperature: float, dtype: str = "float32",
-                   with_entropy: bool = False, with_hidden: bool = False):
+                   with_entropy: bool = False, with_hidden: bool = False, entropy_grad: bool = True):
     """Log-probs of the response tokens (and optionally entropy, last hidden states).
 
     Only the R + 1 last positions go through the vocabulary projection (logits_to_keep):
-    prompt positions never need logits.
+    prompt positions never need logits. The entropy shares the log-probs' logsumexp; with
+    `entropy_grad` off (no entropy bonus) it is only logged and builds no graph.
     """
     ids, mask = rollout.sequence_ids, rollout.attention_mask
     R = rollout.response_ids.shape[1]
@@ -128,8 +184,11 @@ def policy_forward(model, rollout: Rollout, temperature: float, dtype: str = "fl
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                     logits_to_keep=R + 1, output_hidden_states=with_hidden, use_cache=False)
     logits = out.logits[:, :-1]
-    logprobs = algos.logprobs_from_logits(logits, rollout.response_ids, temperature)
-    entropy = algos.entropy_from_logits(logits.float() / temperature) if with_entropy else None
+    if with_entropy:
+        logprobs, entropy = algos.logprobs_and_entropy_from_logits(logits, rollout.response_ids, temperature,
+                                                                   entropy_grad)
+    else:
+        logprobs, entropy = algos.logprobs_from_logits(logits, rollout.response_ids, temperature), None
     hidden = out.hidden_states[-1][:, -R - 1:-1] if with_hidden else None
     return logprobs, entropy, hidden
 

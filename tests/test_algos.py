@@ -18,6 +18,7 @@ from rlhf.algos import (
     entropy_from_logits,
     explained_variance,
     kl_penalty,
+    logprobs_and_entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -619,6 +620,46 @@ def test_logprobs_and_entropy_are_stable_for_huge_logits(dtype, make_logits):
     assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
     torch.testing.assert_close(logprobs.double(), reference_logprobs(logits, labels), rtol=1e-6, atol=1e-2)
     torch.testing.assert_close(entropy.double(), reference_entropy(logits), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("make_logits", [
+    lambda: torch.randn(3, 5, 11),
+    lambda: 1e4 + 3 * torch.randn(2, 3, 50),  # offset 1e4: the shift keeps it exact
+    lambda: torch.tensor([[[0.0, -math.inf, -math.inf], [3.0, 3.0, -math.inf]]]),  # masked vocabulary
+], ids=["plain", "offset", "masked"])
+def test_fused_logprobs_and_entropy_equal_the_separate_functions(make_logits, temperature):
+    # One logsumexp serves both: the numbers and gradients of the exact (float64)
+    # log-softmax and entropy of the tempered distribution, and, where fp32 rounding of
+    # large logits does not intervene, of the separate functions.
+    torch.manual_seed(0)
+    logits = make_logits().requires_grad_(True)
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long)  # token 0 is never masked above
+    logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels, temperature)
+    exact = logits.detach().double().requires_grad_(True)
+    log_p = torch.log_softmax(exact / temperature, -1)
+    exact_entropy = -(log_p.exp() * log_p.clamp(min=-1e300)).sum(-1)
+    torch.testing.assert_close(logprobs.double(), log_p[..., 0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), exact_entropy, rtol=0, atol=1e-5)
+    (grad,) = torch.autograd.grad((logprobs + entropy).sum(), logits)
+    (expected,) = torch.autograd.grad((log_p[..., 0] + exact_entropy).sum(), exact)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-5)
+    if logits.abs().max() < 100:
+        torch.testing.assert_close(logprobs, logprobs_from_logits(logits, labels, temperature))
+        torch.testing.assert_close(entropy, entropy_from_logits(logits / temperature))
+
+
+def test_entropy_without_grad_is_logged_only():
+    # No entropy bonus: the entropy carries no graph, and the log-probs' gradient is unchanged.
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 4))
+    logprobs, entropy = logprobs_and_entropy_from_logits(logits, labels, 0.7, entropy_grad=False)
+    assert not entropy.requires_grad and logprobs.requires_grad
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach() / 0.7))
+    (grad,) = torch.autograd.grad(logprobs.sum(), logits)
+    (expected,) = torch.autograd.grad(logprobs_from_logits(logits, labels, 0.7).sum(), logits)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_entropy_worked_examples():

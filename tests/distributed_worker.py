@@ -1,0 +1,52 @@
+"""One PPO step on fixed responses, run by tests/test_distributed.py in one process or under
+`accelerate launch --cpu --num_processes 2`.
+
+Generation is replaced by fixed responses (a function of the prompt index) so that one
+process on the global batch and two processes on its halves see the same sequences; every
+other part of the step is the trainer's own: prompt sharding, scoring, reward and advantage
+statistics over all processes, gradient averaging, the optimiser step, metric reduction.
+
+    python distributed_worker.py CONFIG.yaml OUT.pt
+"""
+
+import sys
+
+import torch
+
+from rlhf.config import Config, load_config
+from rlhf.data import left_pad
+from rlhf.ppo import PPOTrainer
+from rlhf.rollout import Rollout
+
+RESPONSE_WIDTH = 8
+
+
+def fixed_rollout(trainer: PPOTrainer, indices: list[int]) -> Rollout:
+    """Prompt i is answered by byte tokens derived from i, ending with EOS after 2 + i % 5
+    of them: different lengths, so the token weighting across processes is exercised."""
+    tok = trainer.tokenizer
+    prompt_ids, prompt_mask = left_pad([trainer.prompt_ids[i] for i in indices], tok.pad_token_id)
+    response_ids = torch.full((len(indices), RESPONSE_WIDTH), tok.pad_token_id)
+    for row, i in enumerate(indices):
+        n = 2 + i % 5
+        response_ids[row, :n] = torch.tensor([tok.convert_tokens_to_ids("a") + (7 * i + 3 * t) % 26 for t in range(n)])
+        response_ids[row, n] = tok.eos_token_id
+    response_mask = (torch.arange(RESPONSE_WIDTH)[None] <= (2 + torch.tensor(indices) % 5)[:, None]).float()
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.ones(len(indices), dtype=torch.bool))
+
+
+def main(config_path: str, out_path: str) -> None:
+    trainer = PPOTrainer(load_config(Config, config_path))
+    acc = trainer.accelerator
+    samples = acc.gather(trainer._rollout([0]).response_ids)  # the real sampler, same prompt on every process
+    trainer._rollout = lambda indices: fixed_rollout(trainer, indices)
+    metrics = trainer.step_once()
+    if acc.is_main_process:
+        torch.save({"policy": acc.unwrap_model(trainer.policy).state_dict(),
+                    "critic": acc.unwrap_model(trainer.critic).state_dict(),
+                    "metrics": metrics, "world": acc.num_processes, "samples": samples}, out_path)
+    acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

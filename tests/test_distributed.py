@@ -1,0 +1,90 @@
+"""Multi-process training: two CPU processes (gloo, started by `accelerate launch`) compute the
+same PPO update as one process given the same global batch.
+
+Each process takes its half of the global prompt batch, scores it, and contributes to the
+advantage whitening, the token-mean losses and the gradient average; after one step the
+weights of policy and critic must equal those of one process that saw all prompts. The
+responses are fixed (tests/distributed_worker.py) so that both runs see the same
+sequences; each process's own sampler is checked apart: same prompt, different samples.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+TESTS = Path(__file__).parent
+WORKER = TESTS / "distributed_worker.py"
+PROMPTS = ["hello there", "the sea is", "tell me", "once upon a time", "my cat", "rain falls", "one two", "why"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp_path: Path, policy_dir: Path, batch_size: int, name: str) -> Path:
+    data = {
+        "model": {"policy": str(policy_dir), "critic": "policy"},
+        "reward": {"function": "dist_rewards:share_of_a"},
+        "data": {"prompts": str(tmp_path / "prompts.txt"), "chat_template": False},
+        "rollout": {"batch_size": batch_size, "max_new_tokens": 6, "temperature": 1.0, "early_stop": False},
+        # kl_coef > 0: the reference enters the rewards; lr large enough that the step is
+        # far above rounding; whitening makes the advantages depend on the whole batch.
+        "ppo": {"lr": 1e-3, "kl_coef": 0.1, "epochs": 1},
+        "train": {"out_dir": str(tmp_path / name), "save_every": 0, "progress": False, "report": False,
+                  "threads": 1, "seed": 3},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(cmd: list[str], cwd: Path, **env_vars: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", **env_vars}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_update_of_one_process_on_the_global_batch(tmp_path, tiny_policy_dir):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "dist_rewards.py").write_text(textwrap.dedent('''
+        def share_of_a(prompts, responses):
+            return [r.count("a") / max(len(r), 1) + 0.1 * len(p) for p, r in zip(prompts, responses)]
+    '''))
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run([sys.executable, str(WORKER), str(_config(tmp_path, tiny_policy_dir, 4, "one")), str(one)], tmp_path)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    # --multi_gpu is accelerate's torchrun launcher (its --cpu alone wants mpirun for several
+    # processes); ACCELERATE_USE_CPU puts each process on the CPU with the gloo backend.
+    _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+          str(WORKER), str(_config(tmp_path, tiny_policy_dir, 2, "two")), str(two)], tmp_path,
+         ACCELERATE_USE_CPU="true")
+    one, two = torch.load(one), torch.load(two)
+    assert (one["world"], two["world"]) == (1, 2)
+
+    from safetensors.torch import load_file
+
+    initial = load_file(str(tiny_policy_dir / "model.safetensors"))
+    moved = max((one["policy"][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-4, "the step must change the weights for the comparison to mean anything"
+    for part in ("policy", "critic"):
+        for name, weight in one[part].items():
+            torch.testing.assert_close(two[part][name], weight, rtol=0, atol=2e-6, msg=f"{part}.{name}")
+
+    # Metrics are reduced over processes: the two-process run logs the one-process numbers.
+    for key in ("reward/score_mean", "reward/raw_mean", "kl/ref_mean", "response/length_mean",
+                "value/explained_variance", "response/distinct2"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-6), key
+    # Every process samples with its own seed: the same prompt gets different responses.
+    assert not torch.equal(two["samples"][0], two["samples"][1])

@@ -1,0 +1,154 @@
+"""The speed levers keep the numbers: the lean sampler draws what `generate` draws, frozen
+bf16 weights give what autocast gives, reusing the rollout's forward and micro-batching
+give the update of the plain step; and `rlhf bench` counts FLOPs as written down here."""
+
+import copy
+import json
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from distributed_worker import fixed_rollout
+from rlhf.bench import ModelCost, StepShape, MachineRates, model_cost, phase_floors, run_bench
+from rlhf.config import Config, RolloutConfig
+from rlhf.data import left_pad
+from rlhf.models import load_policy, load_tokenizer
+from rlhf.ppo import PPOTrainer
+from rlhf.rollout import Rollout, frozen_linears_to_bf16, generate, policy_forward, truncate_after_eos
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 0.9)])
+def test_lean_sampler_draws_what_generate_draws(tiny_policy_dir, early_stop, top_k, top_p):
+    from transformers import GenerationConfig
+
+    tok, model = load_tokenizer(tiny_policy_dir), load_policy(tiny_policy_dir).eval()
+    ids, mask = left_pad([tok(t)["input_ids"] for t in ("hello there", "hi", "abc def ghi")], tok.pad_token_id)
+    cfg = RolloutConfig(max_new_tokens=12, temperature=0.7, early_stop=early_stop, top_k=top_k, top_p=top_p,
+                        packed_decoding=False)
+    torch.manual_seed(1)
+    ours = generate(model, ids, mask, cfg, tok.eos_token_id, tok.pad_token_id)
+    torch.manual_seed(1)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+        do_sample=True, temperature=0.7, top_k=top_k, top_p=top_p, max_new_tokens=12,
+        eos_token_id=tok.eos_token_id if early_stop else None, pad_token_id=tok.pad_token_id,
+        output_scores=True, return_dict_in_generate=True))
+    theirs, theirs_mask, _ = truncate_after_eos(out.sequences[:, ids.shape[1]:], tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(ours.response_ids, theirs)
+    logprobs = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, theirs[..., None]).squeeze(-1)
+    torch.testing.assert_close(ours.gen_logprobs, logprobs * theirs_mask)
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_lean_generation_keeps_the_log_probs_a_full_forward_gives(tiny_policy_dir, early_stop, packed):
+    # The KV cache, positions under left padding and the packed decoding weights are right
+    # if the sampler's own log-probs are those of one forward over the finished sequences.
+    tok, model = load_tokenizer(tiny_policy_dir), load_policy(tiny_policy_dir).eval()
+    ids, mask = left_pad([tok(t)["input_ids"] for t in ("hello there", "hi", "abc def ghi")], tok.pad_token_id)
+    cfg = RolloutConfig(max_new_tokens=12, temperature=0.7, early_stop=early_stop, packed_decoding=packed)
+    torch.manual_seed(1)
+    rollout = generate(model, ids, mask, cfg, tok.eos_token_id, tok.pad_token_id)
+    recomputed = policy_forward(model, rollout, 0.7)[0] * rollout.response_mask
+    torch.testing.assert_close(rollout.gen_logprobs, recomputed, rtol=0, atol=1e-4 if packed else 1e-5)
+
+
+def test_frozen_bf16_linears_give_the_autocast_numbers(tiny_policy_dir):
+    model = load_policy(tiny_policy_dir).eval().requires_grad_(False)
+    stored_bf16 = frozen_linears_to_bf16(copy.deepcopy(model))
+    assert any(p.dtype == torch.bfloat16 for p in stored_bf16.parameters())
+    ids = torch.randint(4, 200, (3, 10))
+    rollout = Rollout(ids[:, :6], torch.ones(3, 6, dtype=torch.long), ids[:, 6:], torch.ones(3, 4),
+                      torch.ones(3, dtype=torch.bool))
+    assert torch.equal(policy_forward(model, rollout, 0.7, "bfloat16")[0],
+                       policy_forward(stored_bf16, rollout, 0.7, "bfloat16")[0])
+
+
+REWARDS = '''
+def by_prompt(prompts, responses):
+    return [r.count("a") / max(len(r), 1) + 0.1 * len(p) for p, r in zip(prompts, responses)]
+'''
+
+
+def _one_step(tmp_path, policy_dir, name, **changes) -> dict:
+    cfg = Config()
+    cfg.model.policy, cfg.model.critic = str(policy_dir), "policy"
+    cfg.reward.function = "perf_rewards:by_prompt"
+    cfg.data.prompts, cfg.data.chat_template = str(tmp_path / "prompts.txt"), False
+    cfg.rollout.batch_size = 4
+    cfg.ppo.lr, cfg.ppo.kl_coef = 1e-3, 0.1
+    cfg.train.out_dir, cfg.train.progress, cfg.train.report, cfg.train.threads = str(tmp_path / name), False, False, 1
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    trainer = PPOTrainer(cfg)
+    trainer._rollout = lambda indices: fixed_rollout(trainer, indices)  # responses of different lengths
+    trainer.step_once()
+    return {k: v.clone() for k, v in trainer._unwrapped_policy().state_dict().items()}
+
+
+@pytest.fixture
+def rewards(tmp_path, monkeypatch):
+    (tmp_path / "perf_rewards.py").write_text(textwrap.dedent(REWARDS))
+    (tmp_path / "prompts.txt").write_text("hello there\nthe sea is\ntell me\nonce upon a time\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+@pytest.mark.parametrize("changes", [
+    {"ppo__reuse_rollout_forward": False},  # a separate no-grad pass for the old log-probs
+    {"ppo__micro_batch_size": 1},  # gradient accumulation over sequences of different lengths
+], ids=["separate-forward", "micro-batches"])
+def test_the_update_does_not_depend_on_how_the_work_is_split(tmp_path, tiny_policy_dir, rewards, changes):
+    reference = _one_step(tmp_path, tiny_policy_dir, "reference")
+    other = _one_step(tmp_path, tiny_policy_dir, "other", **changes)
+    initial = load_policy(tiny_policy_dir).state_dict()
+    assert max((reference[k] - initial[k]).abs().max().item() for k in initial) > 1e-4
+    for name, weight in reference.items():
+        torch.testing.assert_close(other[name], weight, rtol=0, atol=2e-6, msg=name)
+
+
+def test_floor_counts_flops_as_written():
+    # One layer, linear weights 100, head 10, attention width 4; two sequences of 3 and 5
+    # tokens: 2*100*8 trunk + 2*10*2 head + 4*1*4*(3*4/2 + 5*6/2) attention.
+    cost = ModelCost(trunk_params=100, head_params=10, layers=1, attn_width=4, kv_width=2)
+    assert cost.forward_flops([3, 5], head_tokens=2) == 1600 + 40 + 16 * 21
+    # Full fine-tuning, fp32 at 1 GFLOP/s, no decoding (one generated token): scoring is
+    # four forwards; the update a forward and a backward (2x) of policy and critic.
+    shape = StepShape(prompt_lengths=[2, 4], response_lengths=[1, 1], generated_width=1)
+    rates = MachineRates(fp32_gflops=1.0, bf16_gflops=4.0, memory_gbs=1e9, fp32_mm_gflops=0.5)
+    f = phase_floors(shape, rates, "float32", cost, cost, cost, epochs=1, trainable_params=0)
+    forward = cost.forward_flops([3, 5], 2) / 1e9
+    assert f.score_s == pytest.approx(forward + forward + 2 * cost.forward_flops([3, 5], 8) / 1e9)
+    assert f.update_s == pytest.approx(3 * forward + 3 * cost.forward_flops([3, 5], 8) / 1e9)
+    assert f.generation_s == pytest.approx(cost.forward_flops([2, 4], 2) / 1e9)
+    at_torch_matmul = phase_floors(shape, rates, "float32", cost, cost, cost, 1, 0, torch_mm=True)
+    assert at_torch_matmul.step_s == pytest.approx(2 * f.step_s)
+
+
+def test_model_cost_reads_the_modules(tiny_policy_dir):
+    model = load_policy(tiny_policy_dir)
+    cost = model_cost(model)
+    config = model.config
+    assert cost.head_params == config.vocab_size * config.hidden_size
+    per_layer = 4 * config.hidden_size**2 + 3 * config.hidden_size * config.intermediate_size
+    assert cost.trunk_params == config.num_hidden_layers * per_layer
+
+
+def test_bench_prints_one_json_object_with_the_documented_keys(tmp_path, tiny_policy_dir, rewards, capsys):
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"policy": str(tiny_policy_dir), "critic": "policy"},
+        "reward": {"function": "perf_rewards:by_prompt"},
+        "data": {"prompts": str(tmp_path / "prompts.txt"), "chat_template": False},
+        "rollout": {"batch_size": 2, "max_new_tokens": 4, "early_stop": False},
+        "train": {"threads": 1},
+    }))
+    result = run_bench(str(config), ["ppo.lr=0.0001"], steps=2, as_json=True)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["median_step_s"] == result["median_step_s"] > 0
+    for key in ("median_step_s", "tokens_per_s", "peak_rss_gb", "floor_ratio", "phases", "machine"):
+        assert key in printed
+    assert set(printed["phases"]) == {"generation", "score", "update"}
+    assert printed["steps_timed"] == 1 and printed["setup"]["response_tokens_mean"] == 4
