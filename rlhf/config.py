@@ -66,6 +66,10 @@ class ModelConfig:
     transformers is used."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    fp32_attention: bool = True
+    """With dtype bfloat16: compute attention (softmax(QK^T) V) in fp32 while the linear
+    layers run in bf16. On the CPU torch's bf16 attention is 2x (training) to 11x (a
+    decoding step) slower than fp32 at these sizes; fp32 is also the more precise."""
     onednn_matmul: bool = True
     """CPU, fp32: do the matmuls of every linear layer (forward and backward) with oneDNN
     instead of torch's BLAS (MKL, about half as fast on AMD processors). Same maths; the

@@ -1,15 +1,16 @@
 """Linear layers through oneDNN on the CPU: the matmuls that are nearly all of the work.
 
-torch runs fp32 matmuls on the CPU with MKL, which on AMD processors takes a code path
-about half as fast as oneDNN's: on the 2-core AMD EPYC this was written on, an SmolLM2
-layer's forward, input-gradient and weight-gradient matmuls ran at 90-95 GFLOP/s per core
-with MKL and 170-210 with oneDNN. (bf16 under autocast already goes to oneDNN.)
+torch runs fp32 matmuls on the CPU with MKL; on the 2-core AMD EPYC this was written on,
+an SmolLM2 layer's forward, input-gradient and weight-gradient matmuls ran at 90-95
+GFLOP/s per core with MKL and at 170-210 with oneDNN. (bf16 under autocast already goes
+to oneDNN.)
 
 - `use_onednn(model)`: every fp32 nn.Linear does its forward and both backward matmuls
   with oneDNN. Same maths; the fp32 sums are rounded in another order (~1e-6 relative).
 - `packed_for_decoding(model, batch, dtype)`: while decoding, each weight is prepacked
   once into oneDNN's blocked layout for the small (batch x hidden) matmuls of a step,
-  which otherwise run far below the machine's rate (fp32 or bf16).
+  which otherwise run far below the machine's rate (fp32 or bf16); a LoRA layer is packed
+  with its adapter merged in.
 """
 
 from __future__ import annotations
@@ -75,10 +76,26 @@ def use_onednn(model: nn.Module) -> nn.Module:
     return model
 
 
-def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _is_lora_linear(module: nn.Module) -> bool:
+    """A peft LoRA layer around an nn.Linear, adapters active and not merged (DoRA excluded)."""
+    return (isinstance(getattr(module, "base_layer", None), nn.Linear) and hasattr(module, "get_delta_weight")
+            and not getattr(module, "merged", True) and not getattr(module, "disable_adapters", True)
+            and not any(getattr(module, "use_dora", {}).get(a, False) for a in module.active_adapters))
+
+
+def _merged_weight(module: nn.Module) -> torch.Tensor:
+    weight = module.base_layer.weight.detach().float()
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            weight = weight + module.get_delta_weight(adapter).detach().float()
+    return weight
+
+
+def _packed_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     packed, dtype = self._rlhf_packed
+    bias = getattr(self, "base_layer", self).bias
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype).contiguous(), packed,
-                                           None if self.bias is None else self.bias.to(dtype), "none", [], "")
+                                           None if bias is None else bias.to(dtype), "none", [], "")
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -90,14 +107,25 @@ def packed_for_decoding(model: nn.Module, batch: int, dtype: torch.dtype):
     if not available():
         yield
         return
-    patched = []
+    patched, inside_lora = [], set()
     try:
         for module in model.modules():
-            if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
-                weight = module.weight.detach().to(dtype)
-                module._rlhf_packed = (torch.ops.mkldnn._reorder_linear_weight(weight, batch), dtype)
-                patched.append((module, module.__dict__.get("forward")))
-                module.forward = types.MethodType(_packed_forward, module)
+            if id(module) in inside_lora:
+                continue
+            if _is_lora_linear(module):
+                # A LoRA layer decodes with its merged weight W + scaling * B A: one matmul
+                # instead of three and the adapter's bookkeeping, for every layer and token.
+                weight = _merged_weight(module)
+                inside_lora.update(id(m) for m in module.modules())
+            elif isinstance(module, nn.Linear):
+                weight = module.weight.detach()
+            else:
+                continue
+            if weight.device.type != "cpu":
+                continue
+            module._rlhf_packed = (torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch), dtype)
+            patched.append((module, module.__dict__.get("forward")))
+            module.forward = types.MethodType(_packed_forward, module)
         yield
     finally:
         for module, previous in patched:

@@ -34,8 +34,8 @@ from rlhf.diagnostics import HealthMonitor, distinct_n, repeated_ngram_fraction
 from rlhf.models import (atomic_save_pretrained, init_scalar_head, load_critic, load_policy, load_tokenizer,
                          resolve_model)
 from rlhf.rewards import Reward, call_text_function, import_function
-from rlhf.rollout import (NonFiniteError, Rollout, critic_forward, frozen_linears_to_bf16, generate, policy_forward,
-                          warn_off_policy)
+from rlhf.rollout import (NonFiniteError, Rollout, critic_forward, fp32_attention, frozen_linears_to_bf16, generate,
+                          policy_forward, warn_off_policy)
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,11 @@ class PPOTrainer:
             if load_tokenizer(critic_path, "left").get_vocab() != tok.get_vocab():
                 raise UserInputError(f"model.critic: {critic_path} has another tokenizer than the policy")
 
-        if cfg.model.dtype == "float32" and cfg.model.onednn_matmul:
-            for model in (policy, self.ref, critic, self.reward.model):
-                if model is not None:
-                    onednn.use_onednn(model)
+        for model in (policy, self.ref, critic, self.reward.model):
+            if model is not None and cfg.model.dtype == "float32" and cfg.model.onednn_matmul:
+                onednn.use_onednn(model)
+            if model is not None and cfg.model.dtype == "bfloat16" and cfg.model.fp32_attention:
+                fp32_attention(model)
 
         # Optimisers and schedules: actor and critic apart, each with its own learning rate.
         p = cfg.ppo

@@ -595,7 +595,7 @@ def test_logprobs_and_entropy_are_the_same_when_computed_in_chunks(monkeypatch):
     logits = torch.randn(5, 4, 9, requires_grad=True)
     labels = torch.randint(0, 9, (5, 4))
     whole_lp, whole_h = logprobs_from_logits(logits, labels, 0.8), entropy_from_logits(logits)
-    monkeypatch.setattr(algos, "_FP32_CHUNK_ELEMENTS", 2 * 4 * 9)  # two sequences per chunk
+    monkeypatch.setattr(algos, "_FP32_CHUNK_ELEMENTS", 2 * 4 * 9)  # eight positions per chunk
     chunked_lp, chunked_h = logprobs_from_logits(logits, labels, 0.8), entropy_from_logits(logits)
     torch.testing.assert_close(chunked_lp, whole_lp)
     torch.testing.assert_close(chunked_h, whole_h)

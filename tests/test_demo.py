@@ -126,10 +126,12 @@ def test_prompts_are_distinct_openings_without_links():
         "one two three four and something else",     # same opening: kept once
         "too short to use",
         "see http://t.co/x now for more and more",   # a link in the opening
+        "Did this? RT\u0562_ \u0381 and then more words",  # mojibake of an emoji
+        "caf\u00e9 \u201cso\u201d good\u2026 yes it was good",  # Latin and typographic punctuation
         "a b c d e f g h",
     ]]
     prompts = build_prompts(tweets, words=4, seed=0)
-    assert sorted(prompts) == ["a b c d", "one two three four"]
+    assert sorted(prompts) == ["a b c d", "caf\u00e9 \u201cso\u201d good\u2026 yes", "one two three four"]
 
 
 # --------------------------------------------------------------------------------------
@@ -154,10 +156,13 @@ def test_mean_and_standard_error():
 
 
 def test_difference_in_standard_errors():
-    before = {"score_mean": 0.0, "score_se": 0.3}
-    after = {"score_mean": 1.0, "score_se": 0.4}
-    d = difference(before, after, "score")
-    assert d == pytest.approx({"delta": 1.0, "se": 0.5, "z": 2.0})
+    before, after = [0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 3.0, 5.0]
+    d = difference(before, after)
+    # Means 1.5 -> 3.0; SEs sqrt(5/3/4) and sqrt(8/3/4); per-prompt differences 1, 2, 1, 2.
+    se = math.sqrt(5 / 12 + 8 / 12)
+    assert d["delta"] == 1.5 and d["se"] == pytest.approx(se) and d["z"] == pytest.approx(1.5 / se)
+    assert d["se_paired"] == pytest.approx(math.sqrt(1 / 3 / 4))
+    assert d["z_paired"] == pytest.approx(1.5 / math.sqrt(1 / 12))
 
 
 def test_summary_figures():

@@ -69,7 +69,7 @@ def test_two_processes_make_the_update_of_one_process_on_the_global_batch(tmp_pa
     _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
           str(WORKER), str(_config(tmp_path, tiny_policy_dir, 2, "two")), str(two)], tmp_path,
-         ACCELERATE_USE_CPU="true")
+         ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf"))  # no user accelerate config applies
     one, two = torch.load(one), torch.load(two)
     assert (one["world"], two["world"]) == (1, 2)
 

@@ -152,3 +152,61 @@ def test_bench_prints_one_json_object_with_the_documented_keys(tmp_path, tiny_po
         assert key in printed
     assert set(printed["phases"]) == {"generation", "score", "update"}
     assert printed["steps_timed"] == 1 and printed["setup"]["response_tokens_mean"] == 4
+
+
+def test_lora_layers_decode_with_their_merged_weight(tiny_policy_dir):
+    # W + scaling * B A packed as one weight: the sampler's log-probs are still those of the
+    # adapter-on forward, and the model is left as it was (no packed forward remains).
+    from peft import LoraConfig, get_peft_model
+
+    tok = load_tokenizer(tiny_policy_dir)
+    model = get_peft_model(load_policy(tiny_policy_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                    task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a trained adapter, not the zero start
+    ids, mask = left_pad([tok(t)["input_ids"] for t in ("hello there", "hi")], tok.pad_token_id)
+    torch.manual_seed(1)
+    rollout = generate(model, ids, mask, RolloutConfig(max_new_tokens=10), tok.eos_token_id, tok.pad_token_id)
+    recomputed = policy_forward(model, rollout, 0.7)[0] * rollout.response_mask
+    torch.testing.assert_close(rollout.gen_logprobs, recomputed, rtol=0, atol=1e-4)
+    assert not any("forward" in m.__dict__ or hasattr(m, "_rlhf_packed") for m in model.modules())
+
+
+def test_fp32_attention_under_bf16_autocast(tiny_policy_dir):
+    # The linear layers run in bf16, attention in fp32: the attention inputs reach the
+    # kernel as fp32 even inside the autocast region.
+    from rlhf.rollout import fp32_attention
+
+    model = fp32_attention(load_policy(tiny_policy_dir).eval())
+    assert model.config._attn_implementation == "rlhf_fp32_sdpa"
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original(q, k, v, *args, **kwargs)
+
+    ids = torch.randint(4, 200, (2, 9))
+    rollout = Rollout(ids[:, :5], torch.ones(2, 5, dtype=torch.long), ids[:, 5:], torch.ones(2, 4),
+                      torch.ones(2, dtype=torch.bool))
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        logprobs = policy_forward(model, rollout, 0.7, "bfloat16")[0]
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
+    assert logprobs.dtype == torch.float32 and torch.isfinite(logprobs).all()
+
+
+def test_fast_settings_train_a_step(tmp_path, tiny_policy_dir, rewards):
+    # bf16 autocast, LoRA, value head: every lever of the fast path in one step.
+    before = load_policy(tiny_policy_dir).state_dict()
+    after = _one_step(tmp_path, tiny_policy_dir, "fast", model__dtype="bfloat16", model__lora=True,
+                      model__value_head=True)
+    lora = {k: v for k, v in after.items() if "lora_B" in k}
+    assert lora and any(v.abs().max() > 0 for v in lora.values())  # the adapters moved off zero
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
+    # The base stays frozen (its linear weights stored in bf16, the values autocast uses).
+    assert all(torch.equal(base[k], before[k].to(base[k].dtype)) for k in before)
