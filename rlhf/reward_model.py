@@ -376,7 +376,8 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
                 yield [train_pairs[i] for i in batch]
 
     t0 = time.perf_counter()
-    window: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    recent: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    row: dict = {}
     bar = tqdm(total=total_steps, desc="reward model", disable=not cfg.progress)
     with open(metrics_path, "a") as log_file:
         for step, batch in zip(range(1, total_steps + 1), batches()):
@@ -394,24 +395,23 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            window["loss"].append(loss.item())
-            window["accuracy"].append(accuracy)
+            recent["loss"].append(loss.item())
+            recent["accuracy"].append(accuracy)
             if step % cfg.log_every == 0 or step == total_steps:
-                row = {"step": step, "train/loss": sum(window["loss"]) / len(window["loss"]),
-                       "train/accuracy": sum(window["accuracy"]) / len(window["accuracy"]),
+                row = {"step": step, "train/loss": sum(recent["loss"]) / len(recent["loss"]),
+                       "train/accuracy": sum(recent["accuracy"]) / len(recent["accuracy"]),
                        "lr": scheduler.get_last_lr()[0], "time/elapsed_s": time.perf_counter() - t0}
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
                 bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
-                window = {"loss": [], "accuracy": []}
+                recent = {"loss": [], "accuracy": []}
             bar.update(1)
     bar.close()
     train_s = time.perf_counter() - t0
     model.eval()
 
-    metrics: dict = {"train/pairs": len(train_pairs), "train/steps": total_steps, "time/train_s": train_s}
-    last = [json.loads(line) for line in metrics_path.read_text().splitlines()][-1]
-    metrics["train/loss"] = last["train/loss"]
+    metrics: dict = {"train/pairs": len(train_pairs), "train/steps": total_steps, "time/train_s": train_s,
+                     "train/loss": row["train/loss"]}
     # The reference set for the score statistics: the held-out texts (or, without any, up
     # to 1024 training texts), scored once each.
     reference = eval_pairs or train_pairs[:512]

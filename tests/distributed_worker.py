@@ -46,6 +46,7 @@ def main(config_path: str, out_path: str) -> None:
                     "critic": acc.unwrap_model(trainer.critic).state_dict(),
                     "metrics": metrics, "world": acc.num_processes, "samples": samples}, out_path)
     acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: gloo's threads otherwise abort at exit
 
 
 if __name__ == "__main__":
