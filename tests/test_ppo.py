@@ -211,6 +211,13 @@ def test_unknown_config_key_lists_valid_ones(tmp_path):
         load_config(Config, path)
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ppo:\n  lr: 1e-5\n")
+    assert load_config(Config, path, ["ppo.kl_coef=2e-2"]).ppo.lr == 1e-5
+    assert load_config(Config, None, ["ppo.kl_coef=2e-2"]).ppo.kl_coef == 0.02
+
+
 def test_wrong_type_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"rollout\.batch_size: expected an integer"):
         load_config(Config, None, ["rollout.batch_size=eight"])
