@@ -235,6 +235,9 @@ def test_whole_demo_on_tiny_models_writes_its_run_directory(tmp_path, capsys, ti
     train_prompts = [json.loads(x)["prompt"] for x in (run / "data/prompts_train.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == prompts and len(prompts) == 6
     assert not set(prompts) & set(train_prompts)  # evaluation openings are never trained on
+    rm_texts = {name: {json.loads(x)[k] for x in (run / f"data/rm_{name}.jsonl").read_text().splitlines()
+                       for k in ("chosen", "rejected")} for name in ("train", "eval")}
+    assert rm_texts["train"] and rm_texts["eval"] and not rm_texts["train"] & rm_texts["eval"]  # split by tweet
     assert len((run / "ppo/metrics.jsonl").read_text().splitlines()) == 2
     ppo_cfg = yaml.safe_load((run / "ppo/config.yaml").read_text())
     assert ppo_cfg["eval"]["judge"] == "rlhf.demo:vader_judge" and ppo_cfg["data"]["chat_template"] is False
