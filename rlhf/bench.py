@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import statistics
 import tempfile
@@ -282,9 +283,9 @@ def default_config_data(workdir: Path, cache_dir: str | None = None) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports kibibytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_bench(config: str | None = None, overrides: list[str] | None = None, steps: int = 4,
@@ -368,6 +369,8 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
             "value_head": cfg.model.value_head,
             "epochs": cfg.ppo.epochs,
             "threads": torch.get_num_threads(),
+            "keep_freed_memory": cfg.train.keep_freed_memory,
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0"),
         },
         "machine": {"fp32_gflops": rates.fp32_gflops, "bf16_gflops": rates.bf16_gflops,
                     "memory_gbs": rates.memory_gbs, "fp32_torch_matmul_gflops": rates.fp32_mm_gflops},
@@ -375,7 +378,8 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         "median_step_s": step_s,
         "phases": phases,
         "tokens_per_s": statistics.median(r["tokens"] / r["step_s"] for r in kept),
-        "peak_rss_gb": peak_rss_gb(),
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
+        "peak_rss_gib": peak_rss_bytes() / 2**30,
         "floor_s": floor_s,
         "floor_ratio": step_s / floor_s,
         "floor_min_s": floor_min_s,
@@ -409,6 +413,6 @@ def format_result(r: dict) -> str:
         f"  floor at torch.matmul's fp32 rate (the issue's definition): {r['floor_torch_matmul_s']:.3f} s, "
         f"ratio {r['floor_torch_matmul_ratio']:.2f}",
         f"generated tokens/s: {r['tokens_per_s']:.1f}",
-        f"peak resident memory: {r['peak_rss_gb']:.2f} GB",
+        f"peak resident memory: {r['peak_rss_gb']:.2f} GB ({r['peak_rss_gib']:.2f} GiB)",
     ]
     return "\n".join(lines)

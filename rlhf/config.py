@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
-from rlhf.diagnostics import DiagnosticsConfig
+from rlhf.diagnostics import DiagnosticsConfig, validate_diagnostics_config
 
 T = TypeVar("T")
 
@@ -134,6 +134,12 @@ class RolloutConfig:
     small matmuls of each decoding step (about 1.7x faster steps). Same maths; the sums are
     rounded in another order, so the sampler's log-probs differ from the recomputed ones by
     about 1e-5 (policy/logprob_gap)."""
+    inverse_cdf_sampling: bool = True
+    """Draw each token by inverse-CDF sampling: one uniform number per sequence against the
+    float64 cumulative sum of the probabilities (about 2 ms a step for 8 x 49152 here).
+    The same distribution as `torch.multinomial`, which spends about 6 ms a step on one
+    random number per vocabulary entry. Off: multinomial, the very tokens
+    `generate(do_sample=True)` draws from the same random state."""
 
 
 @dataclass
@@ -232,6 +238,10 @@ class TrainConfig:
     """Responses written per logged step."""
     threads: Optional[int] = None
     """torch intra-op threads (default: torch's choice)."""
+    keep_freed_memory: bool = True
+    """Linux/glibc: keep freed memory in the process for the next tensors instead of
+    unmapping every large block (rlhf.memory); no page faults on each step's large tensors
+    (full fine-tuning update 3.07 -> 2.39 s on 2 cores), about 0.1 GiB more peak memory."""
     report: bool = True
     """Write report.html at the end of training."""
     progress: bool = True
@@ -285,6 +295,7 @@ def validate_ppo_config(cfg: Config) -> Config:
         raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
     if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
         raise ConfigError(f"ppo.kl_target: expected > 0 or null, got {cfg.ppo.kl_target}")
+    validate_diagnostics_config(cfg.diagnostics)
     return cfg
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -24,6 +25,28 @@ class Prompt:
     """The prompt as the user wrote it (what a reward function or text reward model sees)."""
     messages: list | None = None
     """Chat messages, when the prompt was given as a conversation."""
+
+
+def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, str, dict]]:
+    """Yield `(lineno, where, record)` for each non-blank line of a JSONL file: the 1-based
+    line number, "PATH line N" for messages, and the parsed object. A line that is not UTF-8,
+    not JSON or not a JSON object raises `error_cls` naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise error_cls(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error_cls(f"{where}: not valid JSON ({e.msg}); expected JSONL, one JSON object a line") from None
+            if not isinstance(record, dict):
+                raise error_cls(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, where, record
 
 
 def _prompt_from_record(record: dict, where: str) -> Prompt:
@@ -59,16 +82,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         for i, record in enumerate(ds):
             prompts.append(_prompt_from_record(record, f"{path} row {i}"))
     elif path.suffix in (".jsonl", ".json"):
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object")
-            prompts.append(_prompt_from_record(record, f"{path} line {lineno}"))
+        prompts = [_prompt_from_record(record, where) for _, where, record in read_jsonl(path, DataError)]
     else:
         prompts = [Prompt(text=line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:

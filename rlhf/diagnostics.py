@@ -156,17 +156,23 @@ def _rounded(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(x, 4)
 
 
+def validate_diagnostics_config(cfg: DiagnosticsConfig) -> None:
+    """Raise ConfigError for a name in `disabled` that is not a check, or a window or
+    patience below 1."""
+    from rlhf.config import ConfigError  # here, not at the top: rlhf.config imports this module
+
+    unknown = [name for name in cfg.disabled if name not in CHECKS]
+    if unknown:
+        raise ConfigError(f"diagnostics.disabled: unknown check {unknown[0]!r}; checks: {', '.join(CHECKS[:-1])}")
+    if cfg.window < 1 or cfg.patience < 1:
+        raise ConfigError("diagnostics.window and diagnostics.patience: expected positive integers")
+
+
 class HealthMonitor:
     """Feed it metrics rows in step order; it returns the alerts that fire."""
 
     def __init__(self, cfg: DiagnosticsConfig, *, kl_target: float | None = None, max_new_tokens: int | None = None):
-        from rlhf.config import ConfigError  # here, not at the top: rlhf.config imports this module
-
-        unknown = [name for name in cfg.disabled if name not in CHECKS]
-        if unknown:
-            raise ConfigError(f"diagnostics.disabled: unknown check {unknown[0]!r}; checks: {', '.join(CHECKS[:-1])}")
-        if cfg.window < 1 or cfg.patience < 1:
-            raise ConfigError("diagnostics.window and diagnostics.patience: expected positive integers")
+        validate_diagnostics_config(cfg)
         self.cfg = cfg
         self.kl_target = kl_target
         self.max_new_tokens = max_new_tokens

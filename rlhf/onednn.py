@@ -53,7 +53,8 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _matmul_t(g, weight.t()).reshape(x.shape)  # g @ W
         if ctx.needs_input_grad[1]:
-            grad_w = _matmul_t(g.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())  # g^T @ x
+            # g^T @ x on transposed views: oneDNN reads the strides (no transposed copies).
+            grad_w = _matmul_t(g.t(), x.reshape(-1, x.shape[-1]).t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b

@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from rlhf import algos, onednn
+from rlhf import algos, memory, onednn
 from rlhf.config import Config, UserInputError, from_dict, apply_overrides, save_config, validate_ppo_config
 from rlhf.data import PromptStream, left_pad, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor, distinct_n, repeated_ngram_fraction
@@ -74,6 +74,8 @@ class PPOTrainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.keep_freed_memory:
+            memory.keep_freed_memory()
         # Different sampling seed per process, shared prompt order (pitfalls).
         seed = cfg.train.seed
         random.seed(seed + self.rank)

@@ -26,6 +26,7 @@ import torch
 
 from rlhf import algos
 from rlhf.config import ConfigError, UserInputError, save_config
+from rlhf.data import read_jsonl
 from rlhf.models import (_from_pretrained, init_scalar_head, load_tokenizer, resolve_model)
 
 log = logging.getLogger(__name__)
@@ -200,22 +201,8 @@ def load_preferences(path: str | Path) -> list[Preference]:
     if not path.is_file():
         raise PreferenceError(f"{path}: preference file not found")
     pairs: list[Preference] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path} line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise PreferenceError(f"{where}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PreferenceError(f"{where}: not valid JSON ({e.msg}); expected JSONL, one JSON object a line") from None
-            if not isinstance(record, dict):
-                raise PreferenceError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            pairs.extend(_parse_record(record, where, lineno))
+    for lineno, where, record in read_jsonl(path, PreferenceError):
+        pairs.extend(_parse_record(record, where, lineno))
     if not pairs:
         raise PreferenceError(f"{path}: holds no preferences")
     return pairs

@@ -156,6 +156,30 @@ def _preallocated_cache(config, capacity: int):
     return cache
 
 
+def sample(probs: torch.Tensor, inverse_cdf: bool = True) -> torch.Tensor:
+    """One token per row of `probs` (B, V), drawn with probability probs[b, v].
+
+    Inverse CDF: u ~ U[0, 1) scaled to the row's total, and the first v whose cumulative
+    sum (float64) exceeds u. Entries of probability 0 (top-k / top-p filtered) are never
+    drawn: their cumulative sum equals the one before them. `inverse_cdf=False` uses
+    torch.multinomial. Non-finite probabilities raise NonFiniteError."""
+    if inverse_cdf:
+        cdf = probs.double().cumsum(dim=-1)
+        total = cdf[:, -1:]
+        if not (torch.isfinite(total).all() and (total > 0).all()):
+            raise NonFiniteError("non-finite policy probabilities while sampling; the step was refused")
+        u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
+        # u < total exactly, also after rounding, so the draw is a token of positive mass.
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cdf, u, right=True).squeeze(1)
+    try:
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    except RuntimeError:
+        if torch.isfinite(probs).all():
+            raise
+        raise NonFiniteError("non-finite policy probabilities while sampling; the step was refused") from None
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: RolloutConfig,
              eos_id: int, pad_id: int, dtype: str = "float32") -> Rollout:
@@ -164,9 +188,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
     A lean loop instead of `model.generate`: the prefill computes logits for the last prompt
     position only, each decoding step one position with the weights prepacked for its small
     matmuls (`rollout.packed_decoding`), and the sampler keeps its own log-probs (no
-    (B, R, vocab) score history, no per-token processor machinery). It samples exactly as
-    `generate(do_sample=True)` does: softmax of the processed scores, then multinomial (the
-    same tokens for the same random state).
+    (B, R, vocab) score history, no per-token processor machinery). It samples from the
+    distribution `generate(do_sample=True)` samples from, the softmax of the processed
+    scores; with `rollout.inverse_cdf_sampling` off it draws the very same tokens for the
+    same random state (multinomial).
     """
     B, P = prompt_ids.shape
     R = cfg.max_new_tokens
@@ -190,12 +215,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
             scores = logits.float()
             for warp in warpers:
                 scores = warp(None, scores)
-            try:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            except RuntimeError:
-                if torch.isfinite(logits).all():
-                    raise
-                raise NonFiniteError("non-finite policy probabilities while sampling; the step was refused") from None
+            token = sample(torch.softmax(scores, dim=-1), cfg.inverse_cdf_sampling)
             if cfg.early_stop:
                 # Finished sequences get pad, as in generate(); truncation masks them anyway.
                 token = torch.where(finished, pad_id, token)

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from rlhf.config import Config, ConfigError, field_docs, load_config
+from rlhf.config import Config, ConfigError, field_docs, load_config, validate_ppo_config
 from rlhf.diagnostics import (
     CHECKS,
     Alert,
@@ -268,6 +268,15 @@ def test_disabled_checks_and_switch():
     assert run(rows, DiagnosticsConfig(enabled=False)) == []
     with pytest.raises(ConfigError, match="diagnostics.disabled: unknown check 'nagative_kl'"):
         HealthMonitor(DiagnosticsConfig(disabled=["nagative_kl"]))
+
+
+def test_config_validation_refuses_an_unknown_disabled_check_before_loading_models(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{policy: {tmp_path / 'no_such_model'}}}\nreward: {{function: 'x:y'}}\n"
+                    f"data: {{prompts: {tmp_path / 'no_such_prompts.jsonl'}}}\ndiagnostics: {{disabled: [nonsense]}}\n")
+    with pytest.raises(ConfigError, match="diagnostics.disabled: unknown check 'nonsense'") as e:
+        validate_ppo_config(load_config(Config, path))
+    assert all(name in str(e.value) for name in CHECKS[:-1])
 
 
 def test_resume_from_state_dict_gives_the_same_alerts():

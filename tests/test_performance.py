@@ -4,6 +4,8 @@ give the update of the plain step; and `rlhf bench` counts FLOPs as written down
 
 import copy
 import json
+import os
+import sys
 import textwrap
 
 import pytest
@@ -11,12 +13,13 @@ import torch
 import yaml
 
 from distributed_worker import fixed_rollout
+from rlhf import memory, onednn
 from rlhf.bench import ModelCost, StepShape, MachineRates, model_cost, phase_floors, run_bench
 from rlhf.config import Config, RolloutConfig
 from rlhf.data import left_pad
 from rlhf.models import load_policy, load_tokenizer
 from rlhf.ppo import PPOTrainer
-from rlhf.rollout import Rollout, frozen_linears_to_bf16, generate, policy_forward, truncate_after_eos
+from rlhf.rollout import NonFiniteError, Rollout, frozen_linears_to_bf16, generate, policy_forward, sample, truncate_after_eos
 
 
 @pytest.mark.parametrize("early_stop", [False, True])
@@ -27,7 +30,7 @@ def test_lean_sampler_draws_what_generate_draws(tiny_policy_dir, early_stop, top
     tok, model = load_tokenizer(tiny_policy_dir), load_policy(tiny_policy_dir).eval()
     ids, mask = left_pad([tok(t)["input_ids"] for t in ("hello there", "hi", "abc def ghi")], tok.pad_token_id)
     cfg = RolloutConfig(max_new_tokens=12, temperature=0.7, early_stop=early_stop, top_k=top_k, top_p=top_p,
-                        packed_decoding=False)
+                        packed_decoding=False, inverse_cdf_sampling=False)
     torch.manual_seed(1)
     ours = generate(model, ids, mask, cfg, tok.eos_token_id, tok.pad_token_id)
     torch.manual_seed(1)
@@ -39,6 +42,28 @@ def test_lean_sampler_draws_what_generate_draws(tiny_policy_dir, early_stop, top
     assert torch.equal(ours.response_ids, theirs)
     logprobs = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, theirs[..., None]).squeeze(-1)
     torch.testing.assert_close(ours.gen_logprobs, logprobs * theirs_mask)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_inverse_cdf_sampler_draws_each_token_with_its_probability(scale):
+    torch.manual_seed(0)
+    logits = torch.randn(60) * 2
+    logits[[0, 7, 59]] = -torch.inf  # filtered tokens: the first, one inside, the last
+    probs = torch.softmax(logits, -1) * scale  # also rows that do not sum to 1
+    n = 400_000
+    counts = torch.bincount(sample(probs.expand(n, -1).contiguous()), minlength=60).double()
+    assert counts[[0, 7, 59]].sum() == 0
+    expected = n * probs.double() / probs.double().sum()
+    kept = expected > 0
+    chi2 = (((counts - expected)[kept]) ** 2 / expected[kept]).sum().item()
+    assert chi2 < 56 + 5 * (2 * 56) ** 0.5  # 56 degrees of freedom: mean 56, sd 10.6
+
+
+def test_sampler_refuses_non_finite_probabilities():
+    probs = torch.softmax(torch.tensor([[0.0, 1.0], [torch.nan, 1.0]]), -1)
+    for inverse_cdf in (True, False):
+        with pytest.raises(NonFiniteError, match="non-finite policy probabilities"):
+            sample(probs, inverse_cdf)
 
 
 @pytest.mark.parametrize("early_stop", [False, True])
@@ -210,3 +235,34 @@ def test_fast_settings_train_a_step(tmp_path, tiny_policy_dir, rewards):
     base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in after.items() if "lora_" not in k}
     # The base stays frozen (its linear weights stored in bf16, the values autocast uses).
     assert all(torch.equal(base[k], before[k].to(base[k].dtype)) for k in before)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_gives_the_forward_and_gradients_of_a_plain_linear(bias):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(24, 40, bias=bias)
+    routed = onednn.use_onednn(copy.deepcopy(plain))
+    x = torch.randn(3, 7, 24)
+    outs, grads = [], []
+    for layer in (plain, routed):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, 40)).sum().backward()
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_keeps_a_freed_large_block_in_the_process():
+    def resident_mib():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    assert memory.keep_freed_memory()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, above glibc's largest mmap threshold
+    before = resident_mib()
+    del block
+    assert resident_mib() > before - 16  # not unmapped: the next tensor reuses the pages
