@@ -10,21 +10,18 @@ mkdir -p "$OUT"
 run() {
   name=$1; shift
   echo "$name: $(date -u +%FT%TZ) load before $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/log.txt"
-  env ${ENVS:-} .venv/bin/rlhf bench --steps "$STEPS" --json "$@" 2>/dev/null > "$OUT/$name.json"
+  .venv/bin/rlhf bench --steps "$STEPS" --json "$@" 2>/dev/null > "$OUT/$name.json"
   echo "  after $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/log.txt"
 }
 # The TRL comparison's work: fixed-length generation, fp32, full fine-tuning, separate critic.
 run fp32 "$@"
-# The same with torch's transparent-huge-page allocations (torch reads THP_MEM_ALLOC_ENABLE
-# when it starts): fewer page faults and TLB misses, more resident memory.
-ENVS=THP_MEM_ALLOC_ENABLE=1 run fp32_thp "$@"
-# The same work with every speed lever off (torch's MKL matmuls, unpacked decoding, a
-# separate no-grad scoring pass, the per-operation AdamW).
+# The same work with every switchable speed lever off (torch's MKL matmuls, unpacked
+# decoding, multinomial sampling, a separate no-grad scoring pass, the per-operation AdamW,
+# large blocks unmapped when freed).
 run fp32_levers_off model.onednn_matmul=false rollout.packed_decoding=false ppo.reuse_rollout_forward=false \
     ppo.fused_adamw=false rollout.inverse_cdf_sampling=false train.keep_freed_memory=false "$@"
 # Recommended fast settings: bf16 autocast, LoRA, value head on the policy's trunk.
 run bf16_lora_value_head model.dtype=bfloat16 model.lora=true model.value_head=true "$@"
-ENVS=THP_MEM_ALLOC_ENABLE=1 run bf16_lora_value_head_thp model.dtype=bfloat16 model.lora=true model.value_head=true "$@"
 # bf16 and LoRA with the separate critic.
 run bf16_lora model.dtype=bfloat16 model.lora=true "$@"
 # Memory: full fine-tuning with gradient checkpointing.
