@@ -64,41 +64,50 @@ class MachineRates:
         return 1e9 * (self.fp32_mm_gflops if torch_mm else self.fp32_gflops)
 
 
-def _best_seconds(fn, reps: int) -> float:
-    fn()  # warm-up: first-touch pages, kernel selection
+def _best_seconds(fn, reps: int, device: torch.device = torch.device("cpu")) -> float:
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()  # warm-up: first-touch pages, kernel selection
     best = math.inf
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
+        run()
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def _matmul_gflops(dtype: torch.dtype, onednn_kernel: bool) -> float:
+def _matmul_gflops(dtype: torch.dtype, onednn_kernel: bool, device: torch.device) -> float:
     best = 0.0
-    for n in (1024, 2048, 3072):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for n in ((1024, 2048, 3072) if device.type == "cpu" else (4096, 8192)):
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         if onednn_kernel:
             fn = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731
         else:
             fn = lambda: a @ b  # noqa: E731
-        best = max(best, 2 * n**3 / _best_seconds(fn, 3))
+        best = max(best, 2 * n**3 / _best_seconds(fn, 3, device))
     return best / 1e9
 
 
-def measure_machine() -> MachineRates:
-    """Peak rates from micro-benchmarks (best of a few repetitions, about 5 s in all):
-    square matmuls by torch.matmul and by oneDNN, and a read and a copy of 256 MiB."""
+def measure_machine(device: torch.device | str = "cpu") -> MachineRates:
+    """Peak rates from micro-benchmarks on `device` (best of a few repetitions, about 5 s in
+    all): square matmuls by torch.matmul and, on the CPU, by oneDNN; a read and a copy of
+    256 MiB."""
     from rlhf import onednn
 
-    fp32_mm = _matmul_gflops(torch.float32, False)
-    fp32 = max(fp32_mm, _matmul_gflops(torch.float32, True) if onednn.available() else 0.0)
-    bf16 = max(_matmul_gflops(torch.bfloat16, False), _matmul_gflops(torch.bfloat16, True) if onednn.available() else 0.0)
+    device = torch.device(device)
+    onednn_here = onednn.available() and device.type == "cpu"
+    fp32_mm = _matmul_gflops(torch.float32, False, device)
+    fp32 = max(fp32_mm, _matmul_gflops(torch.float32, True, device) if onednn_here else 0.0)
+    bf16 = max(_matmul_gflops(torch.bfloat16, False, device),
+               _matmul_gflops(torch.bfloat16, True, device) if onednn_here else 0.0)
     # Memory: reading a buffer far larger than the caches (decoding streams the weights).
-    x = torch.ones(64 * 2**20)  # 256 MiB
-    read = x.numel() * 4 / _best_seconds(lambda: x.sum(), 5)
+    x = torch.ones(64 * 2**20, device=device)  # 256 MiB
+    read = x.numel() * 4 / _best_seconds(lambda: x.sum(), 5, device)
     y = torch.empty_like(x)
-    copy = 2 * x.numel() * 4 / _best_seconds(lambda: y.copy_(x), 5)
+    copy = 2 * x.numel() * 4 / _best_seconds(lambda: y.copy_(x), 5, device)
     return MachineRates(fp32, bf16, max(read, copy) / 1e9, fp32_mm)
 
 
@@ -314,8 +323,11 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         cfg = validate_ppo_config(from_dict(Config, data))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        rates = measure_machine()  # with the threads the steps will have
-        trainer = PPOTrainer(cfg)
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        rates = measure_machine(accelerator.device)  # with the threads the steps will have
+        trainer = PPOTrainer(cfg, accelerator)
 
         shapes = []
         make_rollout = trainer._rollout
@@ -380,6 +392,9 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         "tokens_per_s": statistics.median(r["tokens"] / r["step_s"] for r in kept),
         "peak_rss_gb": peak_rss_bytes() / 1e9,
         "peak_rss_gib": peak_rss_bytes() / 2**30,
+        "device": str(accelerator.device),
+        "peak_device_memory_gb": (torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+                                  if accelerator.device.type == "cuda" else None),
         "floor_s": floor_s,
         "floor_ratio": step_s / floor_s,
         "floor_min_s": floor_min_s,
@@ -415,4 +430,6 @@ def format_result(r: dict) -> str:
         f"generated tokens/s: {r['tokens_per_s']:.1f}",
         f"peak resident memory: {r['peak_rss_gb']:.2f} GB ({r['peak_rss_gib']:.2f} GiB)",
     ]
+    if r.get("peak_device_memory_gb") is not None:
+        lines.append(f"peak {r['device']} memory allocated: {r['peak_device_memory_gb']:.2f} GB")
     return "\n".join(lines)

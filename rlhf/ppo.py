@@ -104,7 +104,8 @@ class PPOTrainer:
             policy = get_peft_model(policy, lora)  # the reference is the adapter-disabled base
         else:
             self.ref = load_policy(policy_path, cfg.model.trust_remote_code).eval().requires_grad_(False)
-        self.reward = Reward(cfg.reward, tok, cfg.model.cache_dir, cfg.model.trust_remote_code)
+            self.ref.to(acc.device)  # frozen: not prepared, placed by hand
+        self.reward = Reward(cfg.reward, tok, cfg.model.cache_dir, cfg.model.trust_remote_code, acc.device)
         if cfg.model.dtype == "bfloat16":
             for frozen in (self.ref, self.reward.model, policy if cfg.model.lora else None):
                 if frozen is not None:
@@ -216,6 +217,7 @@ class PPOTrainer:
 
     def _rollout(self, indices: list[int]) -> Rollout:
         ids, mask = left_pad([self.prompt_ids[i] for i in indices], self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.accelerator.device), mask.to(self.accelerator.device)
         return generate(self._unwrapped_policy(), ids, mask, self.cfg.rollout, self.tokenizer.eos_token_id,
                         self.tokenizer.pad_token_id, self.cfg.model.dtype)
 
@@ -248,16 +250,23 @@ class PPOTrainer:
     # One PPO step
     # ----------------------------------------------------------------------------------
 
+    def _clock(self) -> float:
+        """time.perf_counter() once the device has run its queued work (CUDA is asynchronous:
+        without this a phase's time would land in whichever phase next waits on a result)."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        return time.perf_counter()
+
     def step_once(self) -> dict:
         """One iteration; returns the metrics written to metrics.jsonl."""
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
-        t0 = time.perf_counter()
+        t0 = self._clock()
         indices = self.stream.next_batch(cfg.rollout.batch_size)
         rollout = self._rollout(indices)
-        t_rollout = time.perf_counter() - t0
+        t_rollout = self._clock() - t0
 
         # Scoring: everything computed under the rollout policy (pi_old).
-        t1 = time.perf_counter()
+        t1 = self._clock()
         prompts = [self.prompts[i].text for i in indices]
         responses = self._decode(rollout)
         mask = rollout.response_mask
@@ -288,12 +297,12 @@ class PPOTrainer:
             advantages, returns = algos.compute_gae(rewards, old_values, mask, p.gamma, p.lam)
             if p.whiten_advantages:
                 advantages = self._whiten(advantages, mask)
-        t_score = time.perf_counter() - t1
+        t_score = self._clock() - t1
 
-        t2 = time.perf_counter()
+        t2 = self._clock()
         update_stats, new_logprobs = self._update(rollout, old_logprobs, ref_logprobs, old_values, advantages, returns,
                                                   kept)
-        t_update = time.perf_counter() - t2
+        t_update = self._clock() - t2
 
         # KL controller moves on the KL of the rollout (sequence sum of k1, mean over batch).
         seq_kl = ((old_logprobs - ref_logprobs) * mask).sum(-1)
@@ -301,7 +310,7 @@ class PPOTrainer:
         for sched in (self.actor_sched, self.critic_sched):
             sched.step()
         self.step += 1
-        step_s = time.perf_counter() - t0
+        step_s = self._clock() - t0
         metrics = self._metrics(rollout, responses, raw, scores, rewards, seq_kl, kl_coef, old_logprobs, old_values,
                                 returns, update_stats, t_rollout, t_score, t_update, step_s)
         self._log_samples(prompts, responses, rollout, scores, seq_kl, old_logprobs, ref_logprobs, new_logprobs,
@@ -369,6 +378,7 @@ class PPOTrainer:
             order = torch.randperm(B, generator=self.shuffle_rng)
             if kept is not None:
                 order = torch.arange(B)  # the kept pass is in rollout order; one minibatch, so no shuffle is lost
+            order = order.to(acc.device)
             for start in range(0, B, mb_size):
                 mb = order[start:start + mb_size]
                 chunks = [mb[i:i + micro] for i in range(0, len(mb), micro)]
@@ -455,7 +465,7 @@ class PPOTrainer:
             "reward/total_mean": self._mean((rewards * mask).sum(-1)).item(),
             "kl/ref_mean": self._mean(seq_kl).item(),
             "kl/coef": kl_coef,
-            **{k: acc.reduce(torch.tensor(v), "mean").item() for k, v in update_stats.items()},
+            **{k: acc.reduce(torch.tensor(v, device=acc.device), "mean").item() for k, v in update_stats.items()},
             "value/explained_variance": algos.explained_variance(*(self._gather_tokens(t) for t in (old_values, returns,
                                                                                                    mask))),
             "policy/logprob_gap": (self._sum(gap) / self._sum(mask)).item() if gap is not None else 0.0,
@@ -616,10 +626,11 @@ class PPOTrainer:
                                self.cfg.data.chat_template, self.cfg.data.system_prompt)
         out = {"responses": [], "scores": [], "kl": []}
         bs = self.cfg.rollout.batch_size
-        with torch.random.fork_rng(devices=[]):
+        device = self.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for i in range(0, len(prompts), bs):
-                pid, pmask = left_pad(ids[i:i + bs], self.tokenizer.pad_token_id)
+                pid, pmask = (t.to(self.accelerator.device) for t in left_pad(ids[i:i + bs], self.tokenizer.pad_token_id))
                 rollout = generate(self._unwrapped_policy(), pid, pmask, self.cfg.rollout, self.tokenizer.eos_token_id,
                                    self.tokenizer.pad_token_id, self.cfg.model.dtype)
                 responses = self._decode(rollout)

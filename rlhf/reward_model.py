@@ -257,8 +257,10 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, list[int
 
 
 def _forward(model, tokenizer, ids: list[list[int]], dtype: str) -> torch.Tensor:
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    """Scores (on the model's device) of a batch of token-id lists, padded here."""
+    device = next(model.parameters()).device
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[:, 0].float()
 
@@ -328,6 +330,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     metrics_path.write_text("")
 
     model, tokenizer = load_backbone(cfg)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.train()  # dropout is already 0 (frozen_dropout); train() only for modules that care
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
@@ -372,7 +375,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
             rewards = _forward(model, tokenizer, [ids[t] for t in texts], cfg.dtype)
             margin = None
             if any(p.margin is not None for p in batch):
-                margin = torch.tensor([p.margin or 0.0 for p in batch])
+                margin = torch.tensor([p.margin or 0.0 for p in batch], device=rewards.device)
             loss, accuracy = algos.pairwise_reward_loss(rewards[:len(batch)], rewards[len(batch):], margin)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"reward model: non-finite loss at step {step}")

@@ -58,8 +58,10 @@ def call_text_function(fn: Callable, prompts: list[str], responses: list[str], f
 class Reward:
     """Scores responses: `raw(prompts, responses, ...)` and `score(...)` post-processed."""
 
-    def __init__(self, cfg: RewardConfig, policy_tokenizer, cache_dir: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, cfg: RewardConfig, policy_tokenizer, cache_dir: str | None = None, trust_remote_code: bool = False,
+                 device: torch.device | str = "cpu"):
         self.cfg = cfg
+        self.device = torch.device(device)
         self.fn = None
         self.model = None
         self.stats = None
@@ -67,7 +69,7 @@ class Reward:
             self.fn = import_function(cfg.function, "reward.function")
         else:
             self.path = resolve_model(cfg.model, cache_dir, field="reward.model")
-            self.model = load_reward_model(self.path, trust_remote_code).eval().requires_grad_(False)
+            self.model = load_reward_model(self.path, trust_remote_code).eval().requires_grad_(False).to(self.device)
             self.tokenizer = load_tokenizer(self.path, padding_side="right", trust_remote_code=trust_remote_code)
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
             self.stats = read_reward_stats(self.path)
@@ -77,14 +79,14 @@ class Reward:
     @torch.no_grad()
     def raw(self, prompts: list[str], responses: list[str], sequence_ids: torch.Tensor | None = None,
             sequence_mask: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Unprocessed scores, one per response (float32, CPU).
+        """Unprocessed scores, one per response (float32, on the reward's device).
 
         With a reward model, the input is the prompt text followed by the response text
         (`reward.include_prompt`), or, when the reward model shares the policy's tokenizer, the
         policy's own token ids (`sequence_ids`, left-padded prompt + response).
         """
         if self.fn is not None:
-            return call_text_function(self.fn, prompts, responses, "reward.function")
+            return call_text_function(self.fn, prompts, responses, "reward.function").to(self.device)
         scores = []
         bs = self.cfg.batch_size
         use_ids = self.same_tokenizer and sequence_ids is not None and self.cfg.include_prompt
@@ -96,8 +98,9 @@ class Reward:
             else:
                 texts = [(p + r) if self.cfg.include_prompt else r for p, r in zip(prompts[i:i + bs], responses[i:i + bs])]
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                       max_length=self.cfg.max_length)
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None and dtype != torch.float32):
+                                       max_length=self.cfg.max_length).to(self.device)
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None and dtype != torch.float32):
                 logits = self.model(**batch).logits
             scores.append(logits[:, 0].float())
         return torch.cat(scores)

@@ -52,10 +52,11 @@ class Rollout:
             self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask, self.has_eos, self.gen_logprobs)))
 
 
-def autocast(dtype: str):
-    """bf16 autocast for forwards when asked; log-probs and losses are computed in fp32."""
+def autocast(dtype: str, device: torch.device | str = "cpu"):
+    """bf16 autocast on `device`'s type for forwards when asked; log-probs and losses are
+    computed in fp32."""
     if dtype == "bfloat16":
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -108,7 +109,7 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> 
     is_eos = response_ids == eos_id
     has_eos = is_eos.any(dim=1)
     first = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, response_ids.shape[1], dtype=torch.long))
-    positions = torch.arange(response_ids.shape[1]).unsqueeze(0)
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device).unsqueeze(0)
     mask = (positions <= first.unsqueeze(1)).float()
     return torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id)), mask, has_eos
 
@@ -195,22 +196,23 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
     """
     B, P = prompt_ids.shape
     R = cfg.max_new_tokens
+    device = prompt_ids.device
     warpers = _warpers(cfg)
     cache = _preallocated_cache(model.config, P + R)
     # Every slot of the response is attended once written; the causal mask hides the rest.
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, R)], dim=1)
     positions = position_ids(mask)
-    response_ids = torch.full((B, R), pad_id, dtype=torch.long)
-    gen_logprobs = torch.zeros(B, R)
-    finished = torch.zeros(B, dtype=torch.bool)
+    response_ids = torch.full((B, R), pad_id, dtype=torch.long, device=device)
+    gen_logprobs = torch.zeros(B, R, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     width = R
     packed = onednn.packed_for_decoding(model, B, torch.bfloat16 if dtype == "bfloat16" else torch.float32) \
         if cfg.packed_decoding and R > 1 else nullcontext()
-    with autocast(dtype):
+    with autocast(dtype, device):
         logits = model(input_ids=prompt_ids, attention_mask=mask[:, :P], position_ids=positions[:, :P],
-                       past_key_values=cache, cache_position=torch.arange(P), logits_to_keep=1,
+                       past_key_values=cache, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
-    with autocast(dtype), packed:
+    with autocast(dtype, device), packed:
         for t in range(R):
             scores = logits.float()
             for warp in warpers:
@@ -229,7 +231,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
             if t + 1 < R:
                 logits = model(input_ids=token[:, None], attention_mask=mask[:, :P + t + 1],
                                position_ids=positions[:, P + t:P + t + 1], past_key_values=cache,
-                               cache_position=torch.tensor([P + t]), use_cache=True).logits[:, -1]
+                               cache_position=torch.tensor([P + t], device=device), use_cache=True).logits[:, -1]
     response_ids, response_mask, has_eos = truncate_after_eos(response_ids[:, :width], eos_id, pad_id)
     gen_logprobs = torch.where(response_mask.bool(), gen_logprobs[:, :width], torch.zeros(()))
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, has_eos, gen_logprobs)
@@ -250,10 +252,10 @@ def policy_forward(model, rollout: Rollout, temperature: float, dtype: str = "fl
     """
     ids, mask = rollout.sequence_ids, rollout.attention_mask
     S, R = ids.shape[1], rollout.response_ids.shape[1]
-    with autocast(dtype):
+    with autocast(dtype, ids.device):
         # The positions S-R-1 .. S-2 predict the response tokens: their logits, contiguous.
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                    logits_to_keep=torch.arange(S - R - 1, S - 1), output_hidden_states=with_hidden,
+                    logits_to_keep=torch.arange(S - R - 1, S - 1, device=ids.device), output_hidden_states=with_hidden,
                     use_cache=False)
     logits = out.logits
     if with_entropy:
@@ -269,6 +271,6 @@ def critic_forward(critic, rollout: Rollout, dtype: str = "float32") -> torch.Te
     """V(x, y_<t) for every response position t, from a token-classification critic."""
     ids, mask = rollout.sequence_ids, rollout.attention_mask
     R = rollout.response_ids.shape[1]
-    with autocast(dtype):
+    with autocast(dtype, ids.device):
         out = critic(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     return out.logits[:, -R - 1:-1, 0].float()
