@@ -140,17 +140,7 @@ def _from_pretrained(auto_cls, path: Path, trust_remote_code: bool, **kwargs):
         model = auto_cls.from_pretrained(path, **_common_kwargs(trust_remote_code), **kwargs)
     except ValueError as e:
         raise ModelError(f"{path}: cannot load as {auto_cls.__name__}: {e}") from None
-    return frozen_dropout(_own_memory(model))
-
-
-def _own_memory(model: nn.Module) -> nn.Module:
-    """Copy weights that still live in the memory-mapped checkpoint into the process's own
-    memory. A mapped file stays resident as long as one tensor points into it: after the
-    frozen linears of a LoRA or bf16 run are cast to bf16, the fp32 embedding alone kept
-    the whole checkpoint mapped (0.3 GB of resident memory per SmolLM2-sized model)."""
-    for param in model.parameters():
-        param.data = param.data.clone()
-    return model
+    return frozen_dropout(model)
 
 
 def frozen_dropout(model: nn.Module) -> nn.Module:

@@ -90,6 +90,13 @@ def frozen_linears_to_bf16(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Linear) and not module.weight.requires_grad and id(module.weight) not in embeddings:
             module.to(torch.bfloat16)
+    # transformers maps the checkpoint file into memory (storages that cannot be resized);
+    # the file stays resident while one tensor points into it, so the fp32 weights kept
+    # here (embedding, norms) are copied out: the fp32 pages of the cast linears are then
+    # released (0.3 GB of resident memory per SmolLM2-sized model).
+    for param in model.parameters():
+        if not param.untyped_storage().resizable():
+            param.data = param.data.clone()
     return model
 
 
