@@ -52,9 +52,16 @@ class TrainerState:
         self.trainer = trainer
 
     def state_dict(self) -> dict:
+        """Called on every process (Accelerate saves the main process's copy): the shared
+        state, and the minibatch-shuffling generator of every process, in rank order."""
         t = self.trainer
+        shuffle = [t.shuffle_rng.get_state()]
+        if t.world > 1:
+            from accelerate.utils import gather_object
+
+            shuffle = gather_object(shuffle)
         return {"step": t.step, "kl_ctl": t.kl_ctl.state_dict(), "prompts": t.stream.state_dict(),
-                "monitor": t.monitor.state_dict(), "shuffle_rng": t.shuffle_rng.get_state()}
+                "monitor": t.monitor.state_dict(), "shuffle_rng": shuffle}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
@@ -62,7 +69,15 @@ class TrainerState:
         t.kl_ctl.load_state_dict(state["kl_ctl"])
         t.stream.load_state_dict(state["prompts"])
         t.monitor.load_state_dict(state["monitor"])
-        t.shuffle_rng.set_state(state["shuffle_rng"])
+        shuffle = state["shuffle_rng"]
+        if not isinstance(shuffle, list):  # checkpoints written before states were kept per process
+            shuffle = [shuffle]
+        if len(shuffle) != t.world and t.rank == 0:
+            log.warning("resuming on %d processes a run checkpointed on %d: prompts are sharded and "
+                        "samples drawn differently, so it continues the run but does not repeat it exactly",
+                        t.world, len(shuffle))
+        if t.rank < len(shuffle):
+            t.shuffle_rng.set_state(shuffle[t.rank])
 
 
 class PPOTrainer:

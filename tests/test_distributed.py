@@ -8,6 +8,7 @@ responses are fixed (tests/distributed_worker.py) so that both runs see the same
 sequences; each process's own sampler is checked apart: same prompt, different samples.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -88,3 +89,50 @@ def test_two_processes_make_the_update_of_one_process_on_the_global_batch(tmp_pa
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-6), key
     # Every process samples with its own seed: the same prompt gets different responses.
     assert not torch.equal(two["samples"][0], two["samples"][1])
+
+
+@pytest.mark.slow
+def test_two_processes_resume_where_they_stopped(tmp_path, tiny_policy_dir):
+    """`accelerate launch -m rlhf ppo`: 2 steps, stop, `--resume` for 2 more == 4 steps
+    straight, on two processes with real sampling and minibatches: every process gets back
+    its own sampling and shuffling random states, and the shared prompt position."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "dist_rewards.py").write_text(textwrap.dedent('''
+        def share_of_a(prompts, responses):
+            return [r.count("a") / max(len(r), 1) for r in responses]
+    '''))
+    accelerate = Path(sys.executable).parent / "accelerate"
+
+    def launch(*args: str) -> None:
+        _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "rlhf", "ppo", *args], tmp_path, ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf"))
+
+    def config(name: str, steps: int) -> Path:
+        path = _config(tmp_path, tiny_policy_dir, 2, name)
+        data = yaml.safe_load(path.read_text())
+        data["rollout"].update({"max_new_tokens": 8, "early_stop": True})
+        data["ppo"].update({"epochs": 2, "minibatch_size": 1})  # shuffled minibatches on each process
+        data["train"].update({"steps": steps, "save_every": 2})
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    launch(str(config("straight", 4)))
+    launch(str(config("stopped", 2)))
+    launch("--resume", str(tmp_path / "stopped"), "train.steps=4")
+
+    def rows(name: str) -> list[dict]:
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "throughput/"))} for x in lines]
+
+    straight, resumed = rows("straight"), rows("stopped")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] and len(straight) == 4
+    for a, b in zip(straight, resumed):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "straight" / "final" / "policy" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "stopped" / "final" / "policy" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
