@@ -231,8 +231,11 @@ class PPOTrainer:
         return self.accelerator.unwrap_model(self.policy)
 
     def _rollout(self, indices: list[int]) -> Rollout:
-        ids, mask = left_pad([self.prompt_ids[i] for i in indices], self.tokenizer.pad_token_id)
-        ids, mask = ids.to(self.accelerator.device), mask.to(self.accelerator.device)
+        return self._generate([self.prompt_ids[i] for i in indices])
+
+    def _generate(self, prompt_ids: list[list[int]]) -> Rollout:
+        """Responses of the current policy to token-id prompts, left-padded on the device."""
+        ids, mask = (t.to(self.accelerator.device) for t in left_pad(prompt_ids, self.tokenizer.pad_token_id))
         return generate(self._unwrapped_policy(), ids, mask, self.cfg.rollout, self.tokenizer.eos_token_id,
                         self.tokenizer.pad_token_id, self.cfg.model.dtype)
 
@@ -645,9 +648,7 @@ class PPOTrainer:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for i in range(0, len(prompts), bs):
-                pid, pmask = (t.to(self.accelerator.device) for t in left_pad(ids[i:i + bs], self.tokenizer.pad_token_id))
-                rollout = generate(self._unwrapped_policy(), pid, pmask, self.cfg.rollout, self.tokenizer.eos_token_id,
-                                   self.tokenizer.pad_token_id, self.cfg.model.dtype)
+                rollout = self._generate(ids[i:i + bs])
                 responses = self._decode(rollout)
                 logprobs = policy_forward(self.policy, rollout, self.cfg.rollout.temperature, self.cfg.model.dtype)[0]
                 kl = ((logprobs - self._ref_logprobs(rollout)) * rollout.response_mask).sum(-1)

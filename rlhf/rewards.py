@@ -12,6 +12,7 @@ import torch
 
 from rlhf.config import RewardConfig, UserInputError
 from rlhf.models import load_reward_model, load_tokenizer, read_reward_stats, resolve_model
+from rlhf.rollout import position_ids
 
 
 class RewardError(UserInputError):
@@ -94,7 +95,7 @@ class Reward:
             if use_ids:
                 ids, mask = sequence_ids[i:i + bs], sequence_mask[i:i + bs]
                 # Position ids follow the attention mask, as in generation (left padding).
-                batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+                batch = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask)}
             else:
                 texts = [(p + r) if self.cfg.include_prompt else r for p, r in zip(prompts[i:i + bs], responses[i:i + bs])]
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
