@@ -24,5 +24,7 @@ run fp32_levers_off model.onednn_matmul=false rollout.packed_decoding=false ppo.
 run bf16_lora_value_head model.dtype=bfloat16 model.lora=true model.value_head=true "$@"
 # bf16 and LoRA with the separate critic.
 run bf16_lora model.dtype=bfloat16 model.lora=true "$@"
-# Memory: full fine-tuning with gradient checkpointing.
+# Memory: full fine-tuning with the element-wise operations recomputed in the backward pass.
+run fp32_selective_checkpointing model.gradient_checkpointing=selective "$@"
+# Memory: full fine-tuning with every layer recomputed in the backward pass.
 run fp32_checkpointing model.gradient_checkpointing=true "$@"

@@ -379,6 +379,7 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
             "dtype": cfg.model.dtype,
             "lora": cfg.model.lora,
             "value_head": cfg.model.value_head,
+            "gradient_checkpointing": cfg.model.gradient_checkpointing,
             "epochs": cfg.ppo.epochs,
             "threads": torch.get_num_threads(),
             "keep_freed_memory": cfg.train.keep_freed_memory,

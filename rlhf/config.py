@@ -64,8 +64,12 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory to run. Off: only code shipped with
     transformers is used."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: Union[bool, Literal["selective"]] = False
+    """Recompute activations in the backward pass to save memory, in the policy and the
+    critic. `true`: every layer's forward runs again in the backward pass (least memory);
+    `selective`: matrix products and attention are kept and only the element-wise
+    operations between them are recomputed (most of the saving for a fraction of the time).
+    The gradients are those of the plain pass."""
     fp32_attention: bool = True
     """With dtype bfloat16: compute attention (softmax(QK^T) V) in fp32 while the linear
     layers run in bf16. On the CPU torch's bf16 attention is 2x (training) to 11x (a
@@ -336,6 +340,9 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
                 return _convert(value, arg, name)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) > 1:  # "name: expected X, got v" from each alternative
+            expected = " or ".join(e.split(": expected ", 1)[-1].rsplit(", got ", 1)[0] for e in errors)
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
         raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)

@@ -7,6 +7,7 @@ safetensors checkpoint.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -204,6 +205,48 @@ def load_critic(path: Path, from_reward_model: bool, trust_remote_code: bool = F
         init_scalar_head(head)
     model.config.problem_type = "regression"
     return model
+
+
+def _saved_by_selective_checkpointing() -> set:
+    """The operators whose outputs selective checkpointing keeps: matrix products and
+    attention, the work worth saving. Everything between them (norms, rotary embeddings,
+    activations, residual adds, casts) is recomputed in the backward pass."""
+    aten, names = torch.ops.aten, ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+                                   "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                                   "_scaled_dot_product_cudnn_attention")
+    ops = {getattr(aten, name) for name in names if hasattr(aten, name)}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # rlhf.onednn's linear layers
+        ops.add(torch.ops.mkldnn._linear_pointwise)
+    return ops
+
+
+def enable_activation_checkpointing(model: nn.Module, mode: bool | str) -> None:
+    """Recompute activations in the backward pass instead of keeping them (transformers'
+    per-layer checkpointing, torch's non-reentrant `checkpoint`). The gradients are those
+    of the plain pass: the recomputation runs the same operations on the same inputs.
+
+    - `True`: keep each layer's input only; the backward runs every layer's forward again.
+    - `"selective"`: keep the outputs of the matrix products and attention too, recompute
+      the cheap element-wise operations between them (torch's selective checkpointing).
+    """
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    kwargs: dict = {"use_reentrant": False}
+    if mode == "selective":
+        saved = _saved_by_selective_checkpointing()
+
+        def policy(ctx, op, *args, **kw):
+            return CheckpointPolicy.MUST_SAVE if op.overloadpacket in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"model.gradient_checkpointing: {type(model).__name__} does not support checkpointing")
+    # transformers 5 renamed the method; 4.x has only the old name.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def read_reward_stats(path: Path) -> dict | None:

@@ -31,8 +31,8 @@ from rlhf import algos, memory, onednn
 from rlhf.config import Config, UserInputError, from_dict, apply_overrides, save_config, validate_ppo_config
 from rlhf.data import PromptStream, left_pad, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor, distinct_n, repeated_ngram_fraction
-from rlhf.models import (atomic_save_pretrained, init_scalar_head, load_critic, load_policy, load_tokenizer,
-                         resolve_model)
+from rlhf.models import (atomic_save_pretrained, enable_activation_checkpointing, init_scalar_head, load_critic,
+                         load_policy, load_tokenizer, resolve_model)
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import (NonFiniteError, Rollout, critic_forward, fp32_attention, frozen_linears_to_bf16, generate,
                           policy_forward, warn_off_policy)
@@ -109,7 +109,7 @@ class PPOTrainer:
             raise UserInputError(f"model.policy: the tokenizer at {policy_path} has no EOS token")
         policy = load_policy(policy_path, cfg.model.trust_remote_code)
         if cfg.model.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+            enable_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
         self.ref = None
         if cfg.model.lora:
             from peft import LoraConfig, get_peft_model
@@ -144,6 +144,8 @@ class PPOTrainer:
             else:
                 critic_path = resolve_model(cfg.model.critic, cfg.model.cache_dir, field="model.critic")
             critic = load_critic(critic_path, critic_from_reward, cfg.model.trust_remote_code)
+            if cfg.model.gradient_checkpointing:
+                enable_activation_checkpointing(critic, cfg.model.gradient_checkpointing)
             if load_tokenizer(critic_path, "left").get_vocab() != tok.get_vocab():
                 raise UserInputError(f"model.critic: {critic_path} has another tokenizer than the policy")
 
@@ -369,16 +371,19 @@ class PPOTrainer:
     def _loss_forward(self, rollout: Rollout):
         """Log-probs, entropy and values with gradients: what the losses need."""
         cfg = self.cfg
-        if cfg.model.gradient_checkpointing:
-            self.policy.train()  # transformers checkpoints only in training mode; dropout is already 0
+        # transformers checkpoints only in training mode; dropout is already 0.
+        trained = [m for m in (self.policy, self.critic) if m is not None] if cfg.model.gradient_checkpointing else []
+        for model in trained:
+            model.train()
         logprobs, entropy, hidden = policy_forward(
             self.policy, rollout, cfg.rollout.temperature, cfg.model.dtype, with_entropy=True,
             entropy_grad=cfg.ppo.entropy_coef > 0, with_hidden=self.value_head is not None)
-        self.policy.eval()
         if self.value_head is not None:
             values = self.value_head(hidden.float()).squeeze(-1)
         else:
             values = critic_forward(self.critic, rollout, cfg.model.dtype)
+        for model in trained:
+            model.eval()
         return logprobs, entropy, values
 
     def _update(self, rollout, old_logprobs, ref_logprobs, old_values, advantages, returns, kept=None):

@@ -111,7 +111,9 @@ def _one_step(tmp_path, policy_dir, name, **changes) -> dict:
     trainer = PPOTrainer(cfg)
     trainer._rollout = lambda indices: fixed_rollout(trainer, indices)  # responses of different lengths
     trainer.step_once()
-    return {k: v.clone() for k, v in trainer._unwrapped_policy().state_dict().items()}
+    critic = trainer.value_head if trainer.critic is None else trainer.accelerator.unwrap_model(trainer.critic)
+    return {**{k: v.clone() for k, v in trainer._unwrapped_policy().state_dict().items()},
+            **{f"critic.{k}": v.clone() for k, v in critic.state_dict().items()}}
 
 
 @pytest.fixture
@@ -124,12 +126,16 @@ def rewards(tmp_path, monkeypatch):
 @pytest.mark.parametrize("changes", [
     {"ppo__reuse_rollout_forward": False},  # a separate no-grad pass for the old log-probs
     {"ppo__micro_batch_size": 1},  # gradient accumulation over sequences of different lengths
-], ids=["separate-forward", "micro-batches"])
+    {"model__gradient_checkpointing": True},  # activations recomputed in the backward pass
+    {"model__gradient_checkpointing": "selective"},  # element-wise operations recomputed
+], ids=["separate-forward", "micro-batches", "checkpointing", "selective-checkpointing"])
 def test_the_update_does_not_depend_on_how_the_work_is_split(tmp_path, tiny_policy_dir, rewards, changes):
     reference = _one_step(tmp_path, tiny_policy_dir, "reference")
     other = _one_step(tmp_path, tiny_policy_dir, "other", **changes)
     initial = load_policy(tiny_policy_dir).state_dict()
     assert max((reference[k] - initial[k]).abs().max().item() for k in initial) > 1e-4
+    assert max((reference[k] - reference[f"critic.{k}"]).abs().max().item()  # the critic trained too
+               for k in initial if f"critic.{k}" in reference) > 1e-4
     for name, weight in reference.items():
         torch.testing.assert_close(other[name], weight, rtol=0, atol=2e-6, msg=name)
 
@@ -278,3 +284,37 @@ def test_frozen_bf16_weights_release_the_mapped_checkpoint(tiny_policy_dir):
     assert all(p.untyped_storage().resizable() for p in model.parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name].to(p.dtype))
+
+
+def _saved_and_flops(trainer) -> tuple[int, float]:
+    """Bytes that the loss forward keeps for the backward pass outside checkpointed layers,
+    and the FLOPs of that forward and its backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = []
+    rollout = fixed_rollout(trainer, [0, 1, 2, 3])
+    with FlopCounterMode(display=False) as flops:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            logprobs, _, values = trainer._loss_forward(rollout)
+        (logprobs.sum() + values.sum()).backward()
+    return sum(saved), flops.get_total_flops()
+
+
+def test_checkpointing_recomputes_activations_of_policy_and_critic(tmp_path, tiny_policy_dir, rewards):
+    """Full checkpointing keeps (almost) nothing and runs the forward matmuls again in the
+    backward; selective checkpointing keeps nothing outside its layers either, but runs no
+    matmul twice."""
+    def trainer(mode):
+        cfg = Config()
+        cfg.model.policy, cfg.model.critic, cfg.model.gradient_checkpointing = str(tiny_policy_dir), "policy", mode
+        cfg.model.onednn_matmul = False  # torch's matmuls, which the FLOP counter knows
+        cfg.reward.function = "perf_rewards:by_prompt"
+        cfg.data.prompts, cfg.data.chat_template = str(tmp_path / "prompts.txt"), False
+        cfg.rollout.batch_size, cfg.train.out_dir, cfg.train.threads = 4, str(tmp_path / str(mode)), 1
+        return PPOTrainer(cfg)
+
+    (plain_saved, plain_flops), (full_saved, full_flops), (sel_saved, sel_flops) = (
+        _saved_and_flops(trainer(mode)) for mode in (False, True, "selective"))
+    assert full_saved < plain_saved / 4 and sel_saved < plain_saved / 4
+    assert sel_flops == plain_flops
+    assert full_flops > 1.15 * plain_flops  # the layers run forward twice (the vocabulary projection once)
