@@ -195,8 +195,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
 
     A lean loop instead of `model.generate`: the prefill computes logits for the last prompt
     position only, each decoding step one position with the weights prepacked for its small
-    matmuls (`rollout.packed_decoding`; the prefill uses the same copies, so a LoRA policy runs
-    its merged weights there too), and the sampler keeps its own log-probs (no
+    matmuls (`rollout.packed_decoding`), and the sampler keeps its own log-probs (no
     (B, R, vocab) score history, no per-token processor machinery). It samples from the
     distribution `generate(do_sample=True)` samples from, the softmax of the processed
     scores; with `rollout.inverse_cdf_sampling` off it draws the very same tokens for the
@@ -216,10 +215,11 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
     width = R
     packed = onednn.packed_for_decoding(model, B, torch.bfloat16 if dtype == "bfloat16" else torch.float32) \
         if cfg.packed_decoding and R > 1 else nullcontext()
-    with autocast(dtype, device), packed:
+    with autocast(dtype, device):
         logits = model(input_ids=prompt_ids, attention_mask=mask[:, :P], position_ids=positions[:, :P],
                        past_key_values=cache, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
+    with autocast(dtype, device), packed:
         for t in range(R):
             scores = logits.float()
             for warp in warpers:
