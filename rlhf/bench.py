@@ -323,9 +323,9 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         cfg = validate_ppo_config(from_dict(Config, data))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        from accelerate import Accelerator
+        from rlhf.ppo import make_accelerator
 
-        accelerator = Accelerator()
+        accelerator = make_accelerator()
         rates = measure_machine(accelerator.device)  # with the threads the steps will have
         trainer = PPOTrainer(cfg, accelerator)
 

@@ -40,6 +40,27 @@ from rlhf.rollout import (NonFiniteError, Rollout, critic_forward, fp32_attentio
 log = logging.getLogger(__name__)
 
 
+def make_accelerator() -> Accelerator:
+    """The Accelerator of this launch; a setup Accelerate cannot build (FSDP asked for on a
+    machine without accelerators, say) is a one-line configuration error."""
+    try:
+        return Accelerator()
+    except (RuntimeError, ValueError) as e:
+        raise UserInputError(f"accelerate config: {e}") from None
+
+
+def check_data_parallel(accelerator: Accelerator) -> None:
+    """Refuse the Accelerate setups that shard parameters or wrap several models differently
+    (FSDP, DeepSpeed, Megatron-LM): generation, the prepacked decoding weights and the final
+    save read each model's whole parameters on one process, so such a run would stop deep
+    inside a library or hang, not train. Data parallelism (DDP) over CPUs or GPUs is tested."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserInputError(
+            f"accelerate config: distributed type {kind} is not supported yet (generation and the final save read "
+            "whole parameters, which it shards); use data parallelism: `accelerate launch --multi_gpu` (DDP)")
+
+
 def _check_finite(tensor: torch.Tensor, where: str) -> None:
     if not torch.isfinite(tensor).all():
         raise NonFiniteError(f"non-finite values in {where}; the step was refused before any weight changed")
@@ -85,7 +106,8 @@ class PPOTrainer:
 
     def __init__(self, cfg: Config, accelerator: Accelerator | None = None):
         self.cfg = cfg = validate_ppo_config(cfg)
-        self.accelerator = acc = accelerator or Accelerator()
+        self.accelerator = acc = accelerator or make_accelerator()
+        check_data_parallel(acc)
         self.rank, self.world = acc.process_index, acc.num_processes
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)

@@ -136,3 +136,42 @@ def test_two_processes_resume_where_they_stopped(tmp_path, tiny_policy_dir):
     wb = load_file(str(tmp_path / "stopped" / "final" / "policy" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_sharding_setups_are_refused_with_one_line(tmp_path):
+    """FSDP, DeepSpeed and Megatron-LM shard parameters that generation and the final save read
+    whole: refused at start, naming the setting. (Accelerate builds no FSDP accelerator on a
+    CPU-only machine, so the check is fed the distributed type alone; a real single-process
+    Accelerator passes.)"""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from rlhf.config import UserInputError
+    from rlhf.ppo import check_data_parallel
+
+    check_data_parallel(Accelerator(cpu=True))
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        with pytest.raises(UserInputError, match=f"distributed type {kind.value} is not supported.*DDP"):
+            check_data_parallel(SimpleNamespace(distributed_type=kind))
+
+
+def test_fsdp_launch_on_cpus_ends_with_one_line(tmp_path, tiny_policy_dir):
+    """`accelerate launch --use_fsdp` where there is no accelerator: Accelerate cannot build
+    its state; the CLI says so in one line per process (exit 2), without a traceback."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "dist_rewards.py").write_text(textwrap.dedent('''
+        def share_of_a(prompts, responses):
+            return [r.count("a") / max(len(r), 1) for r in responses]
+    '''))
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "rlhf", "ppo", str(_config(tmp_path, tiny_policy_dir, 2, "fsdp"))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: accelerate config:" in result.stderr, result.stderr[-3000:]
+    assert "rlhf/ppo.py" not in result.stderr  # no traceback through our code
