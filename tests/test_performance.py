@@ -286,6 +286,20 @@ def test_frozen_bf16_weights_release_the_mapped_checkpoint(tiny_policy_dir):
         assert torch.equal(p, before[name].to(p.dtype))
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_checkpointing_keeps_the_update_of_lora_with_a_value_head(tmp_path, tiny_policy_dir, rewards, dtype):
+    """Checkpointing under LoRA (peft wraps the checkpointed model) and a value head on the
+    checkpointed trunk, in fp32 and under bf16 autocast: the update of the plain step."""
+    fast = dict(model__lora=True, model__value_head=True, model__dtype=dtype)
+    reference = _one_step(tmp_path, tiny_policy_dir, "plain", **fast)
+    assert max(v.abs().max().item() for k, v in reference.items() if "lora_B" in k) > 1e-4  # starts at 0: it trained
+    for mode in (True, "selective"):
+        other = _one_step(tmp_path, tiny_policy_dir, f"checkpointed-{mode}", model__gradient_checkpointing=mode, **fast)
+        assert other.keys() == reference.keys()
+        for name, weight in reference.items():
+            torch.testing.assert_close(other[name], weight, rtol=0, atol=2e-6, msg=f"{mode}: {name}")
+
 def _saved_and_flops(trainer) -> tuple[int, float]:
     """Bytes that the loss forward keeps for the backward pass outside checkpointed layers,
     and the FLOPs of that forward and its backward."""
