@@ -231,6 +231,8 @@ def enable_activation_checkpointing(model: nn.Module, mode: bool | str) -> None:
     """
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"model.gradient_checkpointing: {type(model).__name__} does not support checkpointing")
     kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
         saved = _saved_by_selective_checkpointing()
@@ -239,8 +241,6 @@ def enable_activation_checkpointing(model: nn.Module, mode: bool | str) -> None:
             return CheckpointPolicy.MUST_SAVE if op.overloadpacket in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ModelError(f"model.gradient_checkpointing: {type(model).__name__} does not support checkpointing")
     # transformers 5 renamed the method; 4.x has only the old name.
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:

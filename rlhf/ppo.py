@@ -54,11 +54,13 @@ def check_data_parallel(accelerator: Accelerator) -> None:
     (FSDP, DeepSpeed, Megatron-LM): generation, the prepacked decoding weights and the final
     save read each model's whole parameters on one process, so such a run would stop deep
     inside a library or hang, not train. Data parallelism (DDP) over CPUs or GPUs is tested."""
-    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise UserInputError(
-            f"accelerate config: distributed type {kind} is not supported yet (generation and the final save read "
-            "whole parameters, which it shards); use data parallelism: `accelerate launch --multi_gpu` (DDP)")
+            f"accelerate config: distributed type {kind.value} is not supported yet (generation and the final save "
+            "read whole parameters, which it shards); use data parallelism: `accelerate launch --multi_gpu` (DDP)")
 
 
 def _check_finite(tensor: torch.Tensor, where: str) -> None:

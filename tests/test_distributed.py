@@ -48,29 +48,40 @@ def _config(tmp_path: Path, policy_dir: Path, batch_size: int, name: str) -> Pat
     return path
 
 
-def _run(cmd: list[str], cwd: Path, **env_vars: str) -> None:
+def _write_inputs(tmp_path: Path, score: str = 'r.count("a") / max(len(r), 1)') -> None:
+    """prompts.txt, and dist_rewards.share_of_a scoring each (prompt p, response r) by `score`."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "dist_rewards.py").write_text(textwrap.dedent(f'''
+        def share_of_a(prompts, responses):
+            return [{score} for p, r in zip(prompts, responses)]
+    '''))
+
+
+def _run(cmd: list[str], cwd: Path, check: bool = True, **env_vars: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", **env_vars}
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    if check:
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _launch(cwd: Path, *args: str, launcher: str = "--multi_gpu", check: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch` of two CPU processes running `args` (a script or `-m module`, then its
+    arguments). --multi_gpu is accelerate's torchrun launcher (its --cpu alone wants mpirun for
+    several processes); ACCELERATE_USE_CPU puts each process on the CPU with the gloo backend;
+    HF_HOME in `cwd` keeps any user accelerate config out."""
+    return _run([str(Path(sys.executable).parent / "accelerate"), "launch", launcher, "--num_processes", "2",
+                 "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+                 "--dynamo_backend", "no", *args], cwd, check, ACCELERATE_USE_CPU="true", HF_HOME=str(cwd / "hf"))
 
 
 @pytest.mark.slow
 def test_two_processes_make_the_update_of_one_process_on_the_global_batch(tmp_path, tiny_policy_dir):
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (tmp_path / "dist_rewards.py").write_text(textwrap.dedent('''
-        def share_of_a(prompts, responses):
-            return [r.count("a") / max(len(r), 1) + 0.1 * len(p) for p, r in zip(prompts, responses)]
-    '''))
+    _write_inputs(tmp_path, 'r.count("a") / max(len(r), 1) + 0.1 * len(p)')
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     _run([sys.executable, str(WORKER), str(_config(tmp_path, tiny_policy_dir, 4, "one")), str(one)], tmp_path)
-    accelerate = Path(sys.executable).parent / "accelerate"
-    # --multi_gpu is accelerate's torchrun launcher (its --cpu alone wants mpirun for several
-    # processes); ACCELERATE_USE_CPU puts each process on the CPU with the gloo backend.
-    _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-          str(WORKER), str(_config(tmp_path, tiny_policy_dir, 2, "two")), str(two)], tmp_path,
-         ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf"))  # no user accelerate config applies
+    _launch(tmp_path, str(WORKER), str(_config(tmp_path, tiny_policy_dir, 2, "two")), str(two))
     one, two = torch.load(one), torch.load(two)
     assert (one["world"], two["world"]) == (1, 2)
 
@@ -96,17 +107,10 @@ def test_two_processes_resume_where_they_stopped(tmp_path, tiny_policy_dir):
     """`accelerate launch -m rlhf ppo`: 2 steps, stop, `--resume` for 2 more == 4 steps
     straight, on two processes with real sampling and minibatches: every process gets back
     its own sampling and shuffling random states, and the shared prompt position."""
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (tmp_path / "dist_rewards.py").write_text(textwrap.dedent('''
-        def share_of_a(prompts, responses):
-            return [r.count("a") / max(len(r), 1) for r in responses]
-    '''))
-    accelerate = Path(sys.executable).parent / "accelerate"
+    _write_inputs(tmp_path)
 
     def launch(*args: str) -> None:
-        _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "rlhf", "ppo", *args], tmp_path, ACCELERATE_USE_CPU="true", HF_HOME=str(tmp_path / "hf"))
+        _launch(tmp_path, "-m", "rlhf", "ppo", *args)
 
     def config(name: str, steps: int) -> Path:
         path = _config(tmp_path, tiny_policy_dir, 2, name)
@@ -160,18 +164,9 @@ def test_parameter_sharding_setups_are_refused_with_one_line(tmp_path):
 def test_fsdp_launch_on_cpus_ends_with_one_line(tmp_path, tiny_policy_dir):
     """`accelerate launch --use_fsdp` where there is no accelerator: Accelerate cannot build
     its state; the CLI says so in one line per process (exit 2), without a traceback."""
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (tmp_path / "dist_rewards.py").write_text(textwrap.dedent('''
-        def share_of_a(prompts, responses):
-            return [r.count("a") / max(len(r), 1) for r in responses]
-    '''))
-    accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "rlhf", "ppo", str(_config(tmp_path, tiny_policy_dir, 2, "fsdp"))]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    _write_inputs(tmp_path)
+    result = _launch(tmp_path, "-m", "rlhf", "ppo", str(_config(tmp_path, tiny_policy_dir, 2, "fsdp")),
+                     launcher="--use_fsdp", check=False)
     assert result.returncode != 0
     assert "error: accelerate config:" in result.stderr, result.stderr[-3000:]
     assert "rlhf/ppo.py" not in result.stderr  # no traceback through our code
