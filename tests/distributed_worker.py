@@ -9,10 +9,12 @@ statistics over all processes, gradient averaging, the optimiser step, metric re
     python distributed_worker.py CONFIG.yaml OUT.pt
 """
 
+import os
 import sys
 
 import torch
 
+from rlhf.cli import _exit_without_interpreter_shutdown
 from rlhf.config import Config, load_config
 from rlhf.data import left_pad
 from rlhf.ppo import PPOTrainer
@@ -46,8 +48,11 @@ def main(config_path: str, out_path: str) -> None:
                     "critic": acc.unwrap_model(trainer.critic).state_dict(),
                     "metrics": metrics, "world": acc.num_processes, "samples": samples}, out_path)
     acc.wait_for_everyone()
-    acc.end_training()  # destroys the process group: gloo's threads otherwise abort at exit
+    acc.end_training()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # Under a launch, leave as `rlhf` does (see rlhf.cli._exit_without_interpreter_shutdown).
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_interpreter_shutdown(0)
