@@ -340,11 +340,15 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         trainer._rollout = recording_rollout
         rows = []
         for _ in range(steps):
-            t = time.perf_counter()
+            t, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             metrics = trainer.step_once()
+            after = resource.getrusage(resource.RUSAGE_SELF)
             rows.append({"step_s": time.perf_counter() - t, "generation_s": metrics["time/rollout_s"],
                          "score_s": metrics["time/score_s"], "update_s": metrics["time/update_s"],
-                         "tokens": shapes[-1].response_tokens})
+                         "tokens": shapes[-1].response_tokens,
+                         # The kernel's share of a step: page faults on first touch of memory
+                         # are the usual cause on a VM, and they vary from day to day.
+                         "system_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt})
 
         policy = trainer.accelerator.unwrap_model(trainer.policy)
         policy_cost = model_cost(policy)
@@ -403,6 +407,8 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         "floor_torch_matmul_s": floor_mm_s,
         "floor_torch_matmul_ratio": step_s / floor_mm_s,
         "step_times_s": [r["step_s"] for r in rows],
+        "median_step_system_s": median("system_s"),
+        "median_step_minor_faults": median("minor_faults"),
     }
     print(json.dumps(result, indent=2) if as_json else format_result(result))
     return result
@@ -430,6 +436,8 @@ def format_result(r: dict) -> str:
         f"ratio {r['floor_torch_matmul_ratio']:.2f}",
         f"generated tokens/s: {r['tokens_per_s']:.1f}",
         f"peak resident memory: {r['peak_rss_gb']:.2f} GB ({r['peak_rss_gib']:.2f} GiB)",
+        f"kernel time per step: {r['median_step_system_s']:.2f} s of system CPU time, "
+        f"{r['median_step_minor_faults']:.0f} minor page faults",
     ]
     if r.get("peak_device_memory_gb") is not None:
         lines.append(f"peak {r['device']} memory allocated: {r['peak_device_memory_gb']:.2f} GB")

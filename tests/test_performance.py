@@ -14,7 +14,7 @@ import yaml
 
 from distributed_worker import fixed_rollout
 from rlhf import memory, onednn
-from rlhf.bench import ModelCost, StepShape, MachineRates, model_cost, phase_floors, run_bench
+from rlhf.bench import ModelCost, StepShape, MachineRates, format_result, model_cost, phase_floors, run_bench
 from rlhf.config import Config, RolloutConfig
 from rlhf.data import left_pad
 from rlhf.models import load_policy, load_tokenizer
@@ -183,6 +183,8 @@ def test_bench_prints_one_json_object_with_the_documented_keys(tmp_path, tiny_po
         assert key in printed
     assert set(printed["phases"]) == {"generation", "score", "update"}
     assert printed["steps_timed"] == 1 and printed["setup"]["response_tokens_mean"] == 4
+    assert isinstance(printed["median_step_system_s"], float) and isinstance(printed["median_step_minor_faults"], (int, float))
+    assert "kernel time per step:" in format_result(printed)
 
 
 def test_lora_layers_decode_with_their_merged_weight(tiny_policy_dir):
