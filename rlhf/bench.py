@@ -346,8 +346,7 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
             rows.append({"step_s": time.perf_counter() - t, "generation_s": metrics["time/rollout_s"],
                          "score_s": metrics["time/score_s"], "update_s": metrics["time/update_s"],
                          "tokens": shapes[-1].response_tokens,
-                         # The kernel's share of a step: page faults on first touch of memory
-                         # are the usual cause on a VM, and they vary from day to day.
+                         # The kernel's share of a step (mostly page faults on first touch).
                          "system_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt})
 
         policy = trainer.accelerator.unwrap_model(trainer.policy)

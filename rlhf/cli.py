@@ -96,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_without_interpreter_shutdown(code)
+        exit_without_interpreter_shutdown(code)
     return code
 
 
-def _exit_without_interpreter_shutdown(code: int) -> None:
+def exit_without_interpreter_shutdown(code: int) -> None:
     """End a process of a multi-process launch once its work is done and its files closed.
 
     torch's DistributedDataParallel keeps the gloo process group alive after

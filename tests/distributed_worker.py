@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from rlhf.cli import _exit_without_interpreter_shutdown
+from rlhf.cli import exit_without_interpreter_shutdown
 from rlhf.config import Config, load_config
 from rlhf.data import left_pad
 from rlhf.ppo import PPOTrainer
@@ -53,6 +53,6 @@ def main(config_path: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # Under a launch, leave as `rlhf` does (see rlhf.cli._exit_without_interpreter_shutdown).
+    # Under a launch, leave as `rlhf` does (see rlhf.cli.exit_without_interpreter_shutdown).
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_without_interpreter_shutdown(0)
+        exit_without_interpreter_shutdown(0)
