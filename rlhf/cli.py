@@ -94,14 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        exit_without_interpreter_shutdown(code)
-    return code
+    return end_launched_process(_main(argv))
 
 
-def exit_without_interpreter_shutdown(code: int) -> None:
-    """End a process of a multi-process launch once its work is done and its files closed.
+def end_launched_process(code: int) -> int:
+    """Under a multi-process launch (`WORLD_SIZE` > 1), end this process now with `code`, once
+    its work is done and its files closed; elsewhere return `code`.
 
     torch's DistributedDataParallel keeps the gloo process group alive after
     destroy_process_group (its worker threads stay). A worker that is still releasing the
@@ -109,6 +107,8 @@ def exit_without_interpreter_shutdown(code: int) -> None:
     process aborts ("terminate called without an active exception", SIGABRT) after a run that
     succeeded: about 1 launch in 40 here, always on a process that reached exit first. Leaving
     with os._exit skips that shutdown; output streams and log handlers are flushed first."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return code
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

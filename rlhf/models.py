@@ -225,12 +225,15 @@ def enable_activation_checkpointing(model: nn.Module, mode: bool | str) -> None:
     per-layer checkpointing, torch's non-reentrant `checkpoint`). The gradients are those
     of the plain pass: the recomputation runs the same operations on the same inputs.
 
+    - `False`: nothing changes.
     - `True`: keep each layer's input only; the backward runs every layer's forward again.
     - `"selective"`: keep the outputs of the matrix products and attention too, recompute
       the cheap element-wise operations between them (torch's selective checkpointing).
     """
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+    if not mode:
+        return
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ModelError(f"model.gradient_checkpointing: {type(model).__name__} does not support checkpointing")
     kwargs: dict = {"use_reentrant": False}

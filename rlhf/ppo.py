@@ -132,8 +132,7 @@ class PPOTrainer:
         if tok.eos_token_id is None:
             raise UserInputError(f"model.policy: the tokenizer at {policy_path} has no EOS token")
         policy = load_policy(policy_path, cfg.model.trust_remote_code)
-        if cfg.model.gradient_checkpointing:
-            enable_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
+        enable_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
         self.ref = None
         if cfg.model.lora:
             from peft import LoraConfig, get_peft_model
@@ -168,8 +167,7 @@ class PPOTrainer:
             else:
                 critic_path = resolve_model(cfg.model.critic, cfg.model.cache_dir, field="model.critic")
             critic = load_critic(critic_path, critic_from_reward, cfg.model.trust_remote_code)
-            if cfg.model.gradient_checkpointing:
-                enable_activation_checkpointing(critic, cfg.model.gradient_checkpointing)
+            enable_activation_checkpointing(critic, cfg.model.gradient_checkpointing)
             if load_tokenizer(critic_path, "left").get_vocab() != tok.get_vocab():
                 raise UserInputError(f"model.critic: {critic_path} has another tokenizer than the policy")
 
@@ -471,7 +469,6 @@ class PPOTrainer:
                                     "value/loss": v_loss.item(), **{f"policy/{k}": v for k, v in pg_stats.items()},
                                     **{f"value/{k}": v for k, v in v_stats.items()}})
                 self._optimizer_step()
-        self.policy.eval()
         return {k: float(np.mean(v)) for k, v in stats.items()}, new_logprobs
 
     def _optimizer_step(self) -> None:

@@ -9,12 +9,11 @@ statistics over all processes, gradient averaging, the optimiser step, metric re
     python distributed_worker.py CONFIG.yaml OUT.pt
 """
 
-import os
 import sys
 
 import torch
 
-from rlhf.cli import exit_without_interpreter_shutdown
+from rlhf.cli import end_launched_process
 from rlhf.config import Config, load_config
 from rlhf.data import left_pad
 from rlhf.ppo import PPOTrainer
@@ -53,6 +52,4 @@ def main(config_path: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # Under a launch, leave as `rlhf` does (see rlhf.cli.exit_without_interpreter_shutdown).
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        exit_without_interpreter_shutdown(0)
+    end_launched_process(0)  # under a launch, leave as `rlhf` does

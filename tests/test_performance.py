@@ -288,7 +288,6 @@ def test_frozen_bf16_weights_release_the_mapped_checkpoint(tiny_policy_dir):
         assert torch.equal(p, before[name].to(p.dtype))
 
 
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_checkpointing_keeps_the_update_of_lora_with_a_value_head(tmp_path, tiny_policy_dir, rewards, dtype):
     """Checkpointing under LoRA (peft wraps the checkpointed model) and a value head on the
@@ -301,6 +300,7 @@ def test_checkpointing_keeps_the_update_of_lora_with_a_value_head(tmp_path, tiny
         assert other.keys() == reference.keys()
         for name, weight in reference.items():
             torch.testing.assert_close(other[name], weight, rtol=0, atol=2e-6, msg=f"{mode}: {name}")
+
 
 def _saved_and_flops(trainer) -> tuple[int, float]:
     """Bytes that the loss forward keeps for the backward pass outside checkpointed layers,
