@@ -7,6 +7,10 @@ to oneDNN.)
 
 - `use_onednn(model)`: every fp32 nn.Linear does its forward and both backward matmuls
   with oneDNN. Same maths; the fp32 sums are rounded in another order (~1e-6 relative).
+  A gated MLP (Llama's `down(act(gate(x)) * up(x))`) then keeps only `gate(x)` and `up(x)`
+  for its backward pass and recomputes `act(gate) * up` there: two of the four
+  intermediate-width tensors autograd would keep per layer (0.4 GB of a SmolLM2 policy and
+  critic's fp32 step), for two element-wise operations. The gradients are the same numbers.
 - `packed_for_decoding(model, batch, dtype)`: while decoding, each weight is prepacked
   once into oneDNN's blocked layout for the small (batch x hidden) matmuls of a step,
   which otherwise run far below the machine's rate (fp32 or bf16); a LoRA layer is packed
@@ -60,20 +64,81 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class _OneDNNGatedDown(torch.autograd.Function):
+    """y = down(act(gate) * up) for the outputs `gate` and `up` of a gated MLP's first two
+    projections. The backward pass gets `gate` and `up` only and recomputes h = act(gate) *
+    up from them; autograd would keep act(gate) and h as well. The matmuls are those of
+    _OneDNNLinear and act's and the product's gradients are autograd's own, so every
+    gradient is the same number as without this."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, act):
+        ctx.act, ctx.has_bias = act, bias is not None
+        ctx.save_for_backward(gate, up, weight)
+        h = act(gate) * up
+        y = _matmul_t(h.reshape(-1, h.shape[-1]).contiguous(), weight)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*h.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [gate.detach().requires_grad_(), up.detach().requires_grad_()]
+            h = ctx.act(inputs[0]) * inputs[1]
+        g = grad.reshape(-1, grad.shape[-1]).contiguous()
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_w = _matmul_t(g.t(), h.detach().reshape(-1, h.shape[-1]).t())
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = g.sum(0)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_h = _matmul_t(g, weight.t()).reshape(h.shape)
+            grad_gate, grad_up = torch.autograd.grad(h, inputs, grad_h)
+        return grad_gate, grad_up, grad_w, grad_b, None
+
+
+def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if (x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")):
+    if _runs_onednn(x, self.weight):
         return _OneDNNLinear.apply(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
 
 
+def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    if isinstance(down, nn.Linear) and _runs_onednn(gate, down.weight) and torch.is_grad_enabled():
+        return _OneDNNGatedDown.apply(gate, up, down.weight, down.bias, self.act_fn)
+    return down(self.act_fn(gate) * up)
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    """A module whose forward is, to the bytecode, transformers' LlamaMLP.forward (which
+    many architectures copy): `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    forward, llama = getattr(type(module), "forward", None), LlamaMLP.forward.__code__
+    code = getattr(forward, "__code__", None)
+    return code is not None and (code.co_code, code.co_names) == (llama.co_code, llama.co_names) and all(
+        hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
 def use_onednn(model: nn.Module) -> nn.Module:
-    """Route the fp32 matmuls of every nn.Linear of `model` through oneDNN (CPU only;
-    other dtypes, devices and autocast regions keep torch's own path)."""
+    """Route the fp32 matmuls of every nn.Linear of `model` through oneDNN, and let its
+    gated MLPs keep two intermediate tensors instead of four for the backward pass (CPU
+    only; other dtypes, devices and autocast regions keep torch's own path)."""
     if available():
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 module.forward = types.MethodType(_onednn_forward, module)
+            elif _is_gated_mlp(module):
+                module.forward = types.MethodType(_gated_mlp_forward, module)
     return model
 
 

@@ -20,6 +20,7 @@ from rlhf.data import left_pad
 from rlhf.models import load_policy, load_tokenizer
 from rlhf.ppo import PPOTrainer
 from rlhf.rollout import NonFiniteError, Rollout, frozen_linears_to_bf16, generate, policy_forward, sample, truncate_after_eos
+from tiny import tiny_llama
 
 
 @pytest.mark.parametrize("early_stop", [False, True])
@@ -262,6 +263,36 @@ def test_onednn_linear_gives_the_forward_and_gradients_of_a_plain_linear(bias):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for ours, theirs in zip(grads[1], grads[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
+def test_onednn_gated_mlp_keeps_two_intermediate_tensors_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    lean = onednn.use_onednn(tiny_llama(vocab_size=64, hidden=32, layers=3))
+    plain = copy.deepcopy(lean)
+    mlps = [m for m in plain.modules() if "forward" in m.__dict__ and m.forward.__func__ is onednn._gated_mlp_forward]
+    assert len(mlps) == 3
+    for mlp in mlps:
+        del mlp.forward  # autograd's own graph for act(gate) * up, the same oneDNN linears
+    width = plain.config.intermediate_size
+    ids = torch.randint(0, 64, (3, 11))
+    results = []
+    for model in (plain, lean):
+        kept = {}
+
+        def pack(t):
+            if t.dim() == 3 and t.shape[-1] == width:  # activations, not the down projection's weight
+                kept[t.untyped_storage().data_ptr()] = t.numel()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(input_ids=ids).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}, len(kept)))
+    (plain_logits, plain_grads, plain_kept), (lean_logits, lean_grads, lean_kept) = results
+    assert (plain_kept, lean_kept) == (4 * 3, 2 * 3)  # gate, act(gate), up, product -> gate, up
+    assert torch.equal(lean_logits, plain_logits)
+    assert plain_grads.keys() == lean_grads.keys()
+    assert all(torch.equal(lean_grads[n], plain_grads[n]) for n in plain_grads)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
