@@ -173,7 +173,7 @@ class PPOTrainer:
 
         for model in (policy, self.ref, critic, self.reward.model):
             if model is not None and cfg.model.dtype == "float32" and cfg.model.onednn_matmul:
-                onednn.use_onednn(model)
+                onednn.use_onednn(model, lean_mlp=not cfg.model.gradient_checkpointing)
             if model is not None and cfg.model.dtype == "bfloat16" and cfg.model.fp32_attention:
                 fp32_attention(model)
 

@@ -295,6 +295,21 @@ def test_onednn_gated_mlp_keeps_two_intermediate_tensors_and_gives_the_same_grad
     assert all(torch.equal(lean_grads[n], plain_grads[n]) for n in plain_grads)
 
 
+@pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("mode", [False, True, "selective"])
+def test_trainer_uses_the_lean_mlp_only_without_checkpointing(tmp_path, tiny_policy_dir, rewards, mode):
+    cfg = Config()
+    cfg.model.policy, cfg.model.critic, cfg.model.gradient_checkpointing = str(tiny_policy_dir), "policy", mode
+    cfg.reward.function = "perf_rewards:by_prompt"
+    cfg.data.prompts, cfg.data.chat_template = str(tmp_path / "prompts.txt"), False
+    cfg.rollout.batch_size, cfg.train.out_dir, cfg.train.threads = 4, str(tmp_path / "run"), 1
+    trainer = PPOTrainer(cfg)
+    for model in (trainer._unwrapped_policy(), trainer.accelerator.unwrap_model(trainer.critic)):
+        lean = [m for m in model.modules() if "forward" in m.__dict__
+                and getattr(m.forward, "__func__", None) is onednn._gated_mlp_forward]
+        assert len(lean) == (model.config.num_hidden_layers if mode is False else 0)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_keeps_a_freed_large_block_in_the_process():
     def resident_mib():
