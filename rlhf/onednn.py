@@ -38,6 +38,25 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b by oneDNN, for x of any leading shape."""
+    y = _matmul_t(x.reshape(-1, x.shape[-1]).contiguous(), weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple) -> tuple:
+    """(dL/dx, dL/dW, dL/db) of y = x W^T + b by oneDNN, each only where `needs` (three
+    flags; the third False when there is no bias) asks for it."""
+    g = grad.reshape(-1, grad.shape[-1]).contiguous()
+    grad_x = _matmul_t(g, weight.t()).reshape(x.shape) if needs[0] else None  # g @ W
+    # g^T @ x on transposed views: oneDNN reads the strides (no transposed copies).
+    grad_w = _matmul_t(g.t(), x.reshape(-1, x.shape[-1]).t()) if needs[1] else None
+    grad_b = g.sum(0) if needs[2] else None
+    return grad_x, grad_w, grad_b
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with all three matmuls (y, dL/dx, dL/dW) by oneDNN."""
 
@@ -45,25 +64,13 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        y = _matmul_t(flat, weight)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return _linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).contiguous()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _matmul_t(g, weight.t()).reshape(x.shape)  # g @ W
-        if ctx.needs_input_grad[1]:
-            # g^T @ x on transposed views: oneDNN reads the strides (no transposed copies).
-            grad_w = _matmul_t(g.t(), x.reshape(-1, x.shape[-1]).t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b
+        needs = ctx.needs_input_grad
+        return _linear_backward(grad, x, weight, (needs[0], needs[1], ctx.has_bias and needs[2]))
 
 
 class _OneDNNGatedDown(torch.autograd.Function):
@@ -77,28 +84,18 @@ class _OneDNNGatedDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, act):
         ctx.act, ctx.has_bias = act, bias is not None
         ctx.save_for_backward(gate, up, weight)
-        h = act(gate) * up
-        y = _matmul_t(h.reshape(-1, h.shape[-1]).contiguous(), weight)
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*h.shape[:-1], weight.shape[0])
+        return _linear(act(gate) * up, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         with torch.enable_grad():
             inputs = [gate.detach().requires_grad_(), up.detach().requires_grad_()]
             h = ctx.act(inputs[0]) * inputs[1]
-        g = grad.reshape(-1, grad.shape[-1]).contiguous()
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[2]:
-            grad_w = _matmul_t(g.t(), h.detach().reshape(-1, h.shape[-1]).t())
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = g.sum(0)
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_h = _matmul_t(g, weight.t()).reshape(h.shape)
-            grad_gate, grad_up = torch.autograd.grad(h, inputs, grad_h)
+        grad_h, grad_w, grad_b = _linear_backward(grad, h.detach(), weight,
+                                                  (needs[0] or needs[1], needs[2], ctx.has_bias and needs[3]))
+        grad_gate, grad_up = torch.autograd.grad(h, inputs, grad_h) if grad_h is not None else (None, None)
         return grad_gate, grad_up, grad_w, grad_b, None
 
 
@@ -115,6 +112,8 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up, down = self.gate_proj(x), self.up_proj(x), self.down_proj
+    # Without gradients (scoring, or decoding with prepacked weights) the plain path: the
+    # down projection's own forward, nothing kept.
     if isinstance(down, nn.Linear) and _runs_onednn(gate, down.weight) and torch.is_grad_enabled():
         return _OneDNNGatedDown.apply(gate, up, down.weight, down.bias, self.act_fn)
     return down(self.act_fn(gate) * up)
@@ -125,10 +124,8 @@ def _is_gated_mlp(module: nn.Module) -> bool:
     many architectures copy): `down_proj(act_fn(gate_proj(x)) * up_proj(x))`."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    forward, llama = getattr(type(module), "forward", None), LlamaMLP.forward.__code__
-    code = getattr(forward, "__code__", None)
-    return code is not None and (code.co_code, code.co_names) == (llama.co_code, llama.co_names) and all(
-        hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    code, llama = getattr(getattr(type(module), "forward", None), "__code__", None), LlamaMLP.forward.__code__
+    return code is not None and (code.co_code, code.co_names) == (llama.co_code, llama.co_names)
 
 
 def use_onednn(model: nn.Module, lean_mlp: bool = True) -> nn.Module:

@@ -98,14 +98,21 @@ def by_prompt(prompts, responses):
 '''
 
 
-def _one_step(tmp_path, policy_dir, name, **changes) -> dict:
+def _config(tmp_path, policy_dir, name) -> Config:
+    """A tiny policy with a critic started from it, the `rewards` fixture's prompts and
+    reward, rollout batch 4, one thread."""
     cfg = Config()
     cfg.model.policy, cfg.model.critic = str(policy_dir), "policy"
     cfg.reward.function = "perf_rewards:by_prompt"
     cfg.data.prompts, cfg.data.chat_template = str(tmp_path / "prompts.txt"), False
-    cfg.rollout.batch_size = 4
+    cfg.rollout.batch_size, cfg.train.out_dir, cfg.train.threads = 4, str(tmp_path / name), 1
+    return cfg
+
+
+def _one_step(tmp_path, policy_dir, name, **changes) -> dict:
+    cfg = _config(tmp_path, policy_dir, name)
     cfg.ppo.lr, cfg.ppo.kl_coef = 1e-3, 0.1
-    cfg.train.out_dir, cfg.train.progress, cfg.train.report, cfg.train.threads = str(tmp_path / name), False, False, 1
+    cfg.train.progress, cfg.train.report = False, False
     for dotted, value in changes.items():
         section, key = dotted.split("__")
         setattr(getattr(cfg, section), key, value)
@@ -298,11 +305,8 @@ def test_onednn_gated_mlp_keeps_two_intermediate_tensors_and_gives_the_same_grad
 @pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
 @pytest.mark.parametrize("mode", [False, True, "selective"])
 def test_trainer_uses_the_lean_mlp_only_without_checkpointing(tmp_path, tiny_policy_dir, rewards, mode):
-    cfg = Config()
-    cfg.model.policy, cfg.model.critic, cfg.model.gradient_checkpointing = str(tiny_policy_dir), "policy", mode
-    cfg.reward.function = "perf_rewards:by_prompt"
-    cfg.data.prompts, cfg.data.chat_template = str(tmp_path / "prompts.txt"), False
-    cfg.rollout.batch_size, cfg.train.out_dir, cfg.train.threads = 4, str(tmp_path / "run"), 1
+    cfg = _config(tmp_path, tiny_policy_dir, "run")
+    cfg.model.gradient_checkpointing = mode
     trainer = PPOTrainer(cfg)
     for model in (trainer._unwrapped_policy(), trainer.accelerator.unwrap_model(trainer.critic)):
         lean = [m for m in model.modules() if "forward" in m.__dict__
@@ -367,12 +371,9 @@ def test_checkpointing_recomputes_activations_of_policy_and_critic(tmp_path, tin
     backward; selective checkpointing keeps nothing outside its layers either, but runs no
     matmul twice."""
     def trainer(mode):
-        cfg = Config()
-        cfg.model.policy, cfg.model.critic, cfg.model.gradient_checkpointing = str(tiny_policy_dir), "policy", mode
+        cfg = _config(tmp_path, tiny_policy_dir, str(mode))
+        cfg.model.gradient_checkpointing = mode
         cfg.model.onednn_matmul = False  # torch's matmuls, which the FLOP counter knows
-        cfg.reward.function = "perf_rewards:by_prompt"
-        cfg.data.prompts, cfg.data.chat_template = str(tmp_path / "prompts.txt"), False
-        cfg.rollout.batch_size, cfg.train.out_dir, cfg.train.threads = 4, str(tmp_path / str(mode)), 1
         return PPOTrainer(cfg)
 
     (plain_saved, plain_flops), (full_saved, full_flops), (sel_saved, sel_flops) = (
