@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -61,6 +62,12 @@ def check_data_parallel(accelerator: Accelerator) -> None:
         raise UserInputError(
             f"accelerate config: distributed type {kind.value} is not supported yet (generation and the final save "
             "read whole parameters, which it shards); use data parallelism: `accelerate launch --multi_gpu` (DDP)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # On CPUs Accelerate turns an FSDP2 config into data parallelism, while transformers still
+        # loads the weights of every process but the first on the meta device for FSDP to fill.
+        raise UserInputError(
+            "accelerate config: FSDP was asked for, but Accelerate runs it only on accelerators and set up "
+            f"{kind.value} here; launch data parallelism instead: `accelerate launch --multi_gpu` (DDP)")
 
 
 def _check_finite(tensor: torch.Tensor, where: str) -> None:

@@ -161,12 +161,18 @@ def test_parameter_sharding_setups_are_refused_with_one_line(tmp_path):
             check_data_parallel(SimpleNamespace(distributed_type=kind))
 
 
-def test_fsdp_launch_on_cpus_ends_with_one_line(tmp_path, tiny_policy_dir):
-    """`accelerate launch --use_fsdp` where there is no accelerator: Accelerate cannot build
-    its state; the CLI says so in one line per process (exit 2), without a traceback."""
+@pytest.mark.parametrize("fsdp_args", [(), ("--fsdp_version", "2")], ids=["fsdp1", "fsdp2"])
+def test_fsdp_launch_on_cpus_ends_with_one_line(tmp_path, tiny_policy_dir, fsdp_args):
+    """`accelerate launch --use_fsdp` where there is no accelerator. FSDP1: Accelerate cannot
+    build its state. FSDP2: Accelerate quietly sets up data parallelism while transformers loads
+    every process's weights but the first on the meta device, and the run would stop deep inside
+    torch. Either way the CLI says so in one line per process, without a traceback."""
     _write_inputs(tmp_path)
-    result = _launch(tmp_path, "-m", "rlhf", "ppo", str(_config(tmp_path, tiny_policy_dir, 2, "fsdp")),
+    result = _launch(tmp_path, *fsdp_args, "-m", "rlhf", "ppo", str(_config(tmp_path, tiny_policy_dir, 2, "fsdp")),
                      launcher="--use_fsdp", check=False)
     assert result.returncode != 0
     assert "error: accelerate config:" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr.split("error: accelerate config:")[0]  # nothing before the line
     assert "rlhf/ppo.py" not in result.stderr  # no traceback through our code
+    if fsdp_args:
+        assert "FSDP was asked for" in result.stderr and "--multi_gpu" in result.stderr
