@@ -176,8 +176,21 @@ def load_reward_model(path: Path, trust_remote_code: bool = False):
 
 
 def init_scalar_head(linear: nn.Linear) -> None:
-    """A fresh scalar head with small weights, std 1/sqrt(hidden + 1) (N+ implementation details)."""
+    """A fresh reward head with small weights, std 1/sqrt(hidden + 1) (N+ implementation details)."""
     nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features + 1))
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def init_value_head(linear: nn.Linear) -> None:
+    """A fresh value head starts at zero: V = 0 for every state, so the critic begins as the
+    constant baseline (explained variance exactly 0) and its first steps add no noise to the
+    advantages. Even the small random head above reads the trunk's last hidden states, whose
+    entries have RMS about 2 in SmolLM2, and predicts values with a spread of about 2: four
+    times the spread of the returns it has to predict (explained variance -4.5 at the demo's
+    first step, below 0 for most of its 30 steps). The weights still get gradients
+    (h * (V - R)), so it learns from the first minibatch."""
+    nn.init.zeros_(linear.weight)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
 
@@ -202,7 +215,7 @@ def load_critic(path: Path, from_reward_model: bool, trust_remote_code: bool = F
         hf_logging.set_verbosity(verbosity)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if not from_reward_model and isinstance(head, nn.Linear):
-        init_scalar_head(head)
+        init_value_head(head)
     model.config.problem_type = "regression"
     return model
 

@@ -32,7 +32,7 @@ from rlhf import algos, memory, onednn
 from rlhf.config import Config, UserInputError, from_dict, apply_overrides, save_config, validate_ppo_config
 from rlhf.data import PromptStream, left_pad, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor, distinct_n, repeated_ngram_fraction
-from rlhf.models import (atomic_save_pretrained, enable_activation_checkpointing, init_scalar_head, load_critic,
+from rlhf.models import (atomic_save_pretrained, enable_activation_checkpointing, init_value_head, load_critic,
                          load_policy, load_tokenizer, resolve_model)
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import (NonFiniteError, Rollout, critic_forward, fp32_attention, frozen_linears_to_bf16, generate,
@@ -160,7 +160,7 @@ class PPOTrainer:
         critic = None
         if cfg.model.value_head:
             self.value_head = nn.Linear(policy.config.hidden_size, 1)
-            init_scalar_head(self.value_head)
+            init_value_head(self.value_head)
         else:
             critic_from_reward = cfg.model.critic == "reward"
             if critic_from_reward:

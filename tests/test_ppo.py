@@ -202,9 +202,11 @@ def test_final_models_load_with_plain_transformers(workdir, tiny_policy_dir):
 
 def test_lora_policy_and_value_head_train(workdir, tiny_policy_dir):
     """LoRA: the reference is the adapter-disabled base, so the KL starts at exactly 0; the
-    value head shares the trunk. The merged policy is saved for plain transformers."""
+    value head shares the trunk. The merged policy is saved for plain transformers. (A reward
+    with signal: the tiny policy's responses rarely hold an 'a', and with share_of_a the policy
+    had moved only on a random value head's noise in the advantages.)"""
     cfg = make_config(workdir, tiny_policy_dir, model__lora=True, model__lora_r=4, model__value_head=True,
-                      ppo__lr=1e-2, train__steps=3)
+                      ppo__lr=1e-2, train__steps=3, reward__function="ppo_test_rewards:share_of_vowels")
     trainer = PPOTrainer(cfg)
     assert trainer.ref is None
     trainer.train()
@@ -213,6 +215,22 @@ def test_lora_policy_and_value_head_train(workdir, tiny_policy_dir):
     assert rows[-1]["kl/ref_mean"] != 0.0
     assert (workdir / "run" / "final" / "policy" / "config.json").is_file()
     assert (workdir / "run" / "final" / "value_head.safetensors").is_file()
+
+
+@pytest.mark.parametrize("value_head", [True, False], ids=["on_the_policy_trunk", "separate_critic"])
+def test_a_fresh_value_head_starts_as_a_constant_baseline_and_learns(workdir, tiny_policy_dir, value_head):
+    """A fresh value head predicts 0 for every state, so the first step's values explain exactly
+    none of the returns' variance (a random head adds noise of its own: below 0), and it still
+    learns from the first minibatch."""
+    cfg = make_config(workdir, tiny_policy_dir, model__value_head=value_head, model__lora=value_head, train__steps=1,
+                      reward__function="ppo_test_rewards:share_of_vowels")
+    trainer = PPOTrainer(cfg)
+    head = trainer.value_head if value_head else trainer.accelerator.unwrap_model(trainer.critic).score
+    assert not head.weight.any() and (head.bias is None or not head.bias.any())
+    trainer.train()
+    first = metrics(workdir / "run")[0]
+    assert first["reward/score_std"] > 0 and first["value/explained_variance"] == 0.0
+    assert head.weight.abs().min() > 0
 
 
 # ------------------------------------------------------------------------------------------
