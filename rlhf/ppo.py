@@ -427,9 +427,8 @@ class PPOTrainer:
         stats: dict[str, list[float]] = {}
         new_logprobs = old_logprobs.clone()
         for _ in range(epochs):
-            order = torch.randperm(B, generator=self.shuffle_rng)
-            if kept is not None:
-                order = torch.arange(B)  # the kept pass is in rollout order; one minibatch, so no shuffle is lost
+            # The kept pass is in rollout order; it is one minibatch, so no shuffle is lost.
+            order = torch.arange(B) if kept is not None else torch.randperm(B, generator=self.shuffle_rng)
             order = order.to(acc.device)
             for start in range(0, B, mb_size):
                 mb = order[start:start + mb_size]
