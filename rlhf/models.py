@@ -200,7 +200,8 @@ def load_critic(path: Path, from_reward_model: bool, trust_remote_code: bool = F
 
     Built as `AutoModelForTokenClassification(num_labels=1)`, so that `final/critic` loads with
     plain transformers. Started from a reward model, it keeps the reward head's weights (same
-    attribute name `score` in decoder classifiers); otherwise the head is fresh.
+    attribute name `score` in decoder classifiers); otherwise the head is fresh, at zero
+    (`init_value_head`).
     """
     from transformers import AutoModelForTokenClassification
 

@@ -272,12 +272,18 @@ def test_onednn_linear_gives_the_forward_and_gradients_of_a_plain_linear(bias):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def _lean_mlps(model) -> list:
+    """The modules of `model` whose forward use_onednn replaced by the lean gated MLP."""
+    return [m for m in model.modules()
+            if getattr(m.__dict__.get("forward"), "__func__", None) is onednn._gated_mlp_forward]
+
+
 @pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
 def test_onednn_gated_mlp_keeps_two_intermediate_tensors_and_gives_the_same_gradients():
     torch.manual_seed(0)
     lean = onednn.use_onednn(tiny_llama(vocab_size=64, hidden=32, layers=3))
     plain = copy.deepcopy(lean)
-    mlps = [m for m in plain.modules() if "forward" in m.__dict__ and m.forward.__func__ is onednn._gated_mlp_forward]
+    mlps = _lean_mlps(plain)
     assert len(mlps) == 3
     for mlp in mlps:
         del mlp.forward  # autograd's own graph for act(gate) * up, the same oneDNN linears
@@ -309,9 +315,7 @@ def test_trainer_uses_the_lean_mlp_only_without_checkpointing(tmp_path, tiny_pol
     cfg.model.gradient_checkpointing = mode
     trainer = PPOTrainer(cfg)
     for model in (trainer._unwrapped_policy(), trainer.accelerator.unwrap_model(trainer.critic)):
-        lean = [m for m in model.modules() if "forward" in m.__dict__
-                and getattr(m.forward, "__func__", None) is onednn._gated_mlp_forward]
-        assert len(lean) == (model.config.num_hidden_layers if mode is False else 0)
+        assert len(_lean_mlps(model)) == (model.config.num_hidden_layers if mode is False else 0)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
