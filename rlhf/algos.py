@@ -17,6 +17,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,7 @@ KL_KINDS = ("k1", "k2", "k3", "abs")
 
 # logprobs_from_logits / entropy_from_logits convert at most this many logits to fp32 at a
 # time (4 MiB, about 20 positions of a 50k vocabulary): a bf16 (batch, len, vocab) tensor
-# never gets a full fp32 twin, and the temporaries of a chunk stay in the CPU's cache
-# (5x faster than whole-batch passes over a 50 MB tensor on a 2-core CPU).
+# never gets a full fp32 twin, and the temporaries of a chunk stay in the CPU's cache.
 _FP32_CHUNK_ELEMENTS = 2**20
 
 
@@ -105,6 +105,10 @@ def _masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> t
     return var
 
 
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _to_floats(**values: torch.Tensor) -> dict[str, float]:
     """Detached 0-d tensors -> python floats with one device sync instead of one per value."""
     numbers = torch.stack([v.detach().float() for v in values.values()]).tolist()
@@ -123,7 +127,7 @@ def _fp32_chunks(logits: torch.Tensor):
 
     The chunks come from one `split`, whose backward concatenates their gradients once; a
     slice per chunk would build a zero tensor of the whole input for each chunk and add
-    them up (13 fills and 12 additions of 50 MB for 256 rows of a 49152-word vocabulary)."""
+    them up."""
     n = logits.shape[0]
     rows = max(1, _FP32_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     if n == 0:
@@ -255,16 +259,23 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return _masked_var(x, mask, unbiased)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  stats_from: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise x to mean 0 and variance 1 over real tokens:
 
         x_white = (x - mu) / sqrt(var + 1e-8)        (+ mu again if not shift_mean)
 
     mu and var (unbiased) come from real tokens only, so padding never shifts them; padded
     positions of the output are 0. Used on advantages over the whole rollout batch.
+    `stats_from=(xs, masks)` takes mu and var from other tensors instead (the gathered
+    batch of every process, when x is one process's share of it).
     """
     mask = _check_tensors(mask, x=x)
-    mean, var = _masked_mean(x, mask), _masked_var(x, mask, unbiased=True)
+    if stats_from is None:
+        xs, ms = x, mask
+    else:
+        xs, ms = stats_from[0], _check_tensors(stats_from[1], stats_from=stats_from[0])
+    mean, var = _masked_mean(xs, ms), _masked_var(xs, ms, unbiased=True)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
@@ -449,6 +460,39 @@ def compute_gae(
     return advantages, returns
 
 
+ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+
+
+def register_advantage_estimator(name: str) -> Callable:
+    """Register `fn(rewards, values, mask, *, scores, gamma, lam, **_) -> (advantages,
+    returns)` under `name` (the config's `ppo.advantage`). rewards, values, mask: (B, T)
+    per-token tensors (values: the critic's); scores: (B,) sequence scores. Take what you
+    need by keyword and ignore the rest with **_. `returns` are the critic's targets."""
+
+    def add(fn: Callable) -> Callable:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is registered already")
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return add
+
+
+def advantage_estimator(name: str) -> Callable:
+    """The registered estimator `name`; the error lists the registered ones."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage estimator: expected one of {', '.join(map(repr, ADVANTAGE_ESTIMATORS))}, "
+                         f"got {name!r}")
+    return ADVANTAGE_ESTIMATORS[name]
+
+
+@register_advantage_estimator("gae")
+def gae_estimator(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float,
+                  **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the per-token rewards and the critic's values (`compute_gae`)."""
+    return compute_gae(rewards, values, mask, gamma, lam)
+
+
 # --------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------
@@ -477,18 +521,46 @@ def ppo_clip_side(
     return high.to(torch.int8) - low.to(torch.int8)
 
 
-def ppo_policy_loss(
+POLICY_LOSSES: dict[str, Callable] = {}
+
+
+def register_policy_loss(name: str) -> Callable:
+    """Register `fn(logprobs, old_logprobs, advantages, mask, *, clip_eps, clip_eps_high,
+    **_) -> (per_token_loss, stats)` under `name` (the config's `ppo.algo`). All inputs are
+    (B, T); the per-token loss is 0 on padding and is aggregated by `aggregate_loss`; stats
+    are python floats over this micro-batch's real tokens."""
+
+    def add(fn: Callable) -> Callable:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is registered already")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def policy_loss(name: str) -> Callable:
+    """The registered policy loss `name`; the error lists the registered ones."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"policy loss: expected one of {', '.join(map(repr, POLICY_LOSSES))}, got {name!r}")
+    return POLICY_LOSSES[name]
+
+
+@register_policy_loss("ppo")
+def ppo_token_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    **_,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate loss (Schulman et al. 2017), a mean over real tokens:
+    """PPO's clipped surrogate per token (Schulman et al. 2017):
 
-        rho_t = exp(log pi(y_t) - log pi_old(y_t))
-        loss  = -mean_t min(rho_t * A_t, clip(rho_t, 1 - clip_eps, 1 + clip_eps_high) * A_t)
+        rho_t  = exp(log pi(y_t) - log pi_old(y_t))
+        loss_t = -min(rho_t * A_t, clip(rho_t, 1 - clip_eps, 1 + clip_eps_high) * A_t)
 
     `old_logprobs` are the rollout policy's (not the frozen reference model's). Where the
     clipped term is selected the token contributes no gradient. clip_eps_high defaults to
@@ -511,7 +583,7 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high) * advantages
-    loss = -_masked_mean(torch.minimum(unclipped, clipped), mask)
+    per_token = _zero_padding(-torch.minimum(unclipped, clipped), mask)
 
     with torch.no_grad():
         is_clipped = ppo_clip_side(ratio, advantages, clip_eps, clip_eps_high) != 0
@@ -521,37 +593,104 @@ def ppo_policy_loss(
             ratio_mean=_masked_mean(ratio, mask),
             ratio_max=torch.where(mask, ratio, -math.inf).max(),
         )
-    return loss, stats
+    return per_token, stats
 
 
-def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The basic policy-gradient (A2C) loss, a mean over real tokens:
-
-        loss = -mean_t log pi(y_t | x, y_<t) * A_t
+@register_policy_loss("a2c")
+def a2c_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advantages: torch.Tensor,
+                   mask: torch.Tensor, **_) -> tuple[torch.Tensor, dict[str, float]]:
+    """The basic policy-gradient (A2C) loss per token, loss_t = -log pi(y_t | x, y_<t) * A_t.
 
     A is a constant (detached): minimising the loss raises the probability of tokens with
-    positive advantage and lowers it for negative advantage.
+    positive advantage and lowers it for negative advantage. `old_logprobs` is unused.
     """
     mask = _check_tensors(mask, logprobs=logprobs, advantages=advantages)
     logprobs = _zero_padding(logprobs, mask)
     advantages = _zero_padding(advantages.detach(), mask)
-    return -_masked_mean(logprobs * advantages, mask)
+    return _zero_padding(-(logprobs * advantages), mask), {}
 
 
-def value_loss(
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate (`ppo_token_loss`) as a mean over real tokens:
+
+        loss = -mean_t min(rho_t * A_t, clip(rho_t, 1 - clip_eps, 1 + clip_eps_high) * A_t)
+    """
+    per_token, stats = ppo_token_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps,
+                                      clip_eps_high=clip_eps_high)
+    return _masked_mean(per_token, _as_bool(mask)), stats
+
+
+def a2c_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The basic policy-gradient (A2C) loss as a mean over real tokens:
+
+        loss = -mean_t log pi(y_t | x, y_<t) * A_t
+    """
+    per_token, _ = a2c_token_loss(logprobs, None, advantages, mask)
+    return _masked_mean(per_token, _as_bool(mask))
+
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    batch_tokens: torch.Tensor | float | None = None,
+    batch_sequences: int | None = None,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """One loss from per-token losses l (B, T): this micro-batch's share of the loss of the
+    batch it is part of (all micro-batches on all processes), so that adding up the shares
+    gives the same number however the batch was split:
+
+        token-mean                sum_{i,t} l_it / N                  N: real tokens in the batch
+        seq-mean-token-mean       (1/S) sum_i mean_t l_it             S: sequences in the batch
+        seq-mean-token-sum-norm   sum_{i,t} l_it / (S * max_tokens)    a constant per sequence
+
+    `token-mean` weighs every token alike (long responses count more); `seq-mean-token-mean`
+    every sequence alike (a token of a short response counts more); the constant normaliser
+    (Dr. GRPO) has neither length bias. `batch_tokens` (N) and `batch_sequences` (S) default
+    to this micro-batch's own: the micro-batch is the whole batch.
+    """
+    mask = _check_tensors(mask, per_token=per_token)
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"mode: expected one of {', '.join(LOSS_AGGREGATIONS)}, got {mode!r}")
+    if mode == "token-mean":
+        # The micro-batch's mean times its share of the tokens: for one micro-batch the share
+        # is 1 and this is exactly masked_mean.
+        mean = _masked_mean(per_token, mask)
+        return mean if batch_tokens is None else mean * (mask.sum() / batch_tokens)
+    sequences = batch_sequences if batch_sequences is not None else per_token.shape[0]
+    if mode == "seq-mean-token-mean":
+        return _masked_mean(per_token, mask, dim=-1).sum() / sequences
+    if not max_tokens or max_tokens <= 0:
+        raise ValueError(f"max_tokens: expected a positive integer for {mode}, got {max_tokens!r}")
+    return _zero_padding(per_token, mask).sum() / (sequences * max_tokens)
+
+
+def value_token_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float | None = 0.2,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss of the critic, a mean over real tokens:
+    """Clipped value loss of the critic per token:
 
         V_clip = clip(V, V_old - c, V_old + c)
-        loss   = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+        loss_t = 0.5 * max((V - R)^2, (V_clip - R)^2)
 
     `old_values` are the rollout's, `returns` the GAE targets (both constants). With
-    clip_range=None it is the plain 0.5 * mean (V - R)^2.
+    clip_range=None it is the plain 0.5 * (V - R)^2.
 
     Stats (python floats): vf_clipfrac, the share of real tokens where the clipped term is
     strictly larger (0 without clipping); value_mean, the mean of V.
@@ -571,13 +710,27 @@ def value_loss(
         values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
         clipped = (values_clipped - returns) ** 2
         per_token, vf_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
-    loss = 0.5 * _masked_mean(per_token, mask)
 
     stats = _to_floats(
         vf_clipfrac=_masked_mean(vf_clipped.float(), mask),
         value_mean=_masked_mean(values.detach(), mask),
     )
-    return loss, stats
+    return _zero_padding(0.5 * per_token, mask), stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float | None = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped value loss (`value_token_loss`) as a mean over real tokens:
+
+        loss = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+    """
+    per_token, stats = value_token_loss(values, old_values, returns, mask, clip_range)
+    return _masked_mean(per_token, _as_bool(mask)), stats
 
 
 def pairwise_reward_loss(

@@ -11,8 +11,8 @@ generation; forwards of policy, reference, critic and reward model over the samp
 sequences; per epoch a forward and backward of policy and critic; the AdamW steps. A
 trainer that reuses the rollout's forward in the first update pass does less than that:
 `floor_min_s` is the floor without the update's first forward. `floor_torch_matmul_s`
-counts fp32 matmuls at `torch.matmul`'s rate (MKL here), as the issue's 8.6 s floor was;
-oneDNN, which the trainer uses, runs them about twice as fast on this machine.
+counts fp32 matmuls at `torch.matmul`'s rate (MKL) instead of oneDNN's, which the trainer
+uses on the CPU.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class MachineRates:
     bf16_gflops: float
     memory_gbs: float
     fp32_mm_gflops: float
-    """fp32 `torch.matmul` alone (MKL): the rate the issue's floor of 8.6 s was counted with."""
+    """fp32 `torch.matmul` alone (MKL on the CPU)."""
 
     def matmul(self, dtype: str, torch_mm: bool = False) -> float:
         """FLOP/s of the matmuls of a forward in `dtype` (autocast bf16 or plain fp32)."""
@@ -297,69 +297,45 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_bench(config: str | None = None, overrides: list[str] | None = None, steps: int = 4,
-              as_json: bool = False) -> dict:
-    """Run `steps` PPO steps, drop the first (warm-up), report medians; print them as text or
-    as one JSON object, and return that object."""
+def _bench_config(config: str | None, overrides: list[str] | None, steps: int, workdir: Path):
+    """The config to time: a file or the default, with no checkpoints, samples or evaluation."""
     import yaml
 
-    from rlhf.config import UserInputError, apply_overrides, from_dict, validate_ppo_config
-    from rlhf.config import Config
-    from rlhf.ppo import PPOTrainer
+    from rlhf.config import Config, apply_overrides, from_dict
 
-    if steps < 2:
-        raise UserInputError(f"--steps: expected at least 2 (the first step is excluded), got {steps}")
-    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
-        workdir = Path(tmp)
-        if config is None:
-            data = default_config_data(workdir)
-        else:
-            data = yaml.safe_load(Path(config).read_text()) or {}
-        data = apply_overrides(data, list(overrides or []))
-        train = data.setdefault("train", {})
-        train.update({"steps": steps, "out_dir": str(workdir / "run"), "save_every": 0, "report": False,
-                      "progress": False, "log_samples_every": 0})
-        data.setdefault("eval", {})["every"] = 0
-        cfg = validate_ppo_config(from_dict(Config, data))
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        from rlhf.ppo import make_accelerator
+    data = default_config_data(workdir) if config is None else (yaml.safe_load(Path(config).read_text()) or {})
+    data = apply_overrides(data, list(overrides or []))
+    data.setdefault("train", {}).update({"steps": steps, "out_dir": str(workdir / "run"), "save_every": 0,
+                                         "report": False, "progress": False, "log_samples_every": 0})
+    data.setdefault("eval", {})["every"] = 0
+    return from_dict(Config, data)
 
-        accelerator = make_accelerator()
-        rates = measure_machine(accelerator.device)  # with the threads the steps will have
-        trainer = PPOTrainer(cfg, accelerator)
 
-        shapes = []
-        make_rollout = trainer._rollout
+def _timed_step(trainer, recorder) -> dict:
+    t, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    metrics = trainer.step_once()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"step_s": time.perf_counter() - t, "generation_s": metrics["time/rollout_s"],
+            "score_s": metrics["time/score_s"], "update_s": metrics["time/update_s"],
+            "tokens": step_shape(recorder.rollouts[-1]).response_tokens,
+            # The kernel's share of a step (mostly page faults on first touch).
+            "system_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt}
 
-        def recording_rollout(indices):
-            rollout = make_rollout(indices)
-            shapes.append(step_shape(rollout))
-            return rollout
 
-        trainer._rollout = recording_rollout
-        rows = []
-        for _ in range(steps):
-            t, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            metrics = trainer.step_once()
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            rows.append({"step_s": time.perf_counter() - t, "generation_s": metrics["time/rollout_s"],
-                         "score_s": metrics["time/score_s"], "update_s": metrics["time/update_s"],
-                         "tokens": shapes[-1].response_tokens,
-                         # The kernel's share of a step (mostly page faults on first touch).
-                         "system_s": after.ru_stime - before.ru_stime, "minor_faults": after.ru_minflt - before.ru_minflt})
+def _costs(trainer) -> tuple:
+    """(policy, critic or None, reward model or None) costs of the trainer's models."""
+    models = trainer.models
+    critic = model_cost(trainer.engine.unwrap(models.critic)) if models.critic is not None else None
+    reward = model_cost(trainer.reward.model) if trainer.reward.model is not None else None
+    return model_cost(models.unwrapped_policy()), critic, reward
 
-        policy = trainer.accelerator.unwrap_model(trainer.policy)
-        policy_cost = model_cost(policy)
-        critic_cost = model_cost(trainer.accelerator.unwrap_model(trainer.critic)) if trainer.critic is not None else None
-        reward_cost = model_cost(trainer.reward.model) if trainer.reward.model is not None else None
-        trainable = sum(p.numel() for m in (trainer.policy, trainer.critic, trainer.value_head) if m is not None
-                        for p in m.parameters() if p.requires_grad)
-        floors = [phase_floors(s, rates, cfg.model.dtype, policy_cost, critic_cost, reward_cost, cfg.ppo.epochs,
-                               trainable) for s in shapes]
-        mm_floors = [phase_floors(s, rates, cfg.model.dtype, policy_cost, critic_cost, reward_cost, cfg.ppo.epochs,
-                                  trainable, torch_mm=True) for s in shapes]
 
+def _trainable(trainer) -> int:
+    return sum(p.numel() for m in trainer.models.trained.values() for p in m.parameters() if p.requires_grad)
+
+
+def _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, device) -> dict:
+    """Medians over the steps after the first, against the machine's floors."""
     kept, kept_floors, kept_shapes = rows[1:], floors[1:], shapes[1:]
     median = lambda key: statistics.median(r[key] for r in kept)  # noqa: E731
     fmed = lambda attr: statistics.median(getattr(f, attr) for f in kept_floors)  # noqa: E731
@@ -396,9 +372,9 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         "tokens_per_s": statistics.median(r["tokens"] / r["step_s"] for r in kept),
         "peak_rss_gb": peak_rss_bytes() / 1e9,
         "peak_rss_gib": peak_rss_bytes() / 2**30,
-        "device": str(accelerator.device),
-        "peak_device_memory_gb": (torch.cuda.max_memory_allocated(accelerator.device) / 1e9
-                                  if accelerator.device.type == "cuda" else None),
+        "device": str(device),
+        "peak_device_memory_gb": (torch.cuda.max_memory_allocated(device) / 1e9
+                                  if device.type == "cuda" else None),
         "floor_s": floor_s,
         "floor_ratio": step_s / floor_s,
         "floor_min_s": floor_min_s,
@@ -409,6 +385,34 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         "median_step_system_s": median("system_s"),
         "median_step_minor_faults": median("minor_faults"),
     }
+    return result
+
+
+def run_bench(config: str | None = None, overrides: list[str] | None = None, steps: int = 4,
+              as_json: bool = False) -> dict:
+    """Run `steps` PPO steps, drop the first (warm-up), report medians; print them as text or
+    as one JSON object, and return that object."""
+    from rlhf.errors import UserInputError
+    from rlhf.engine import AccelerateEngine
+    from rlhf.generation import RecordingGenerator
+    from rlhf.ppo import PPOTrainer
+
+    if steps < 2:
+        raise UserInputError(f"--steps: expected at least 2 (the first step is excluded), got {steps}")
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
+        cfg = _bench_config(config, overrides, steps, Path(tmp))
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        engine = AccelerateEngine()
+        rates = measure_machine(engine.device)  # with the threads the steps will have
+        trainer = PPOTrainer(cfg, engine=engine)
+        trainer.generator = recorder = RecordingGenerator(trainer.generator)
+        rows = [_timed_step(trainer, recorder) for _ in range(steps)]
+        shapes = [step_shape(r) for r in recorder.rollouts]
+        floors, mm_floors = ([phase_floors(s, rates, cfg.model.dtype, *_costs(trainer), cfg.ppo.epochs,
+                                           _trainable(trainer), torch_mm=mm) for s in shapes] for mm in (False, True))
+
+    result = _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, engine.device)
     print(json.dumps(result, indent=2) if as_json else format_result(result))
     return result
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _ppo(args) -> None:
-    from rlhf.config import Config, UserInputError, load_config, validate_ppo_config
+    from rlhf.config import Config, UserInputError, load_config
     from rlhf.ppo import PPOTrainer
 
     if args.resume:
@@ -19,12 +19,12 @@ def _ppo(args) -> None:
     else:
         if args.config is None:
             raise UserInputError("rlhf ppo: give a CONFIG.yaml or --resume RUN_DIR")
-        cfg = validate_ppo_config(load_config(Config, args.config, args.overrides))
+        cfg = load_config(Config, args.config, args.overrides)
         trainer = PPOTrainer(cfg)
     try:
         trainer.train()
     finally:
-        trainer.accelerator.end_training()  # destroys the process group under `accelerate launch`
+        trainer.engine.end()  # destroys the process group under `accelerate launch`
 
 
 def _reward_model(args) -> None:
@@ -134,7 +134,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from rlhf.ppo import NonFiniteError
+        from rlhf.errors import NonFiniteError
 
         if not isinstance(e, NonFiniteError):
             raise

@@ -18,17 +18,12 @@ from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
 
-from rlhf.diagnostics import DiagnosticsConfig, validate_diagnostics_config
+from rlhf.diagnostics import DiagnosticsConfig
+from rlhf.errors import ConfigError, UserInputError
+
+__all__ = ["Config", "ConfigError", "UserInputError", "load_config", "from_dict", "apply_overrides", "save_config"]
 
 T = TypeVar("T")
-
-
-class UserInputError(ValueError):
-    """Bad input the user can fix (config, data, model path): the CLI prints it as one line."""
-
-
-class ConfigError(UserInputError):
-    """A config file or override that does not fit the schema."""
 
 
 # --------------------------------------------------------------------------------------
@@ -72,11 +67,11 @@ class ModelConfig:
     The gradients are those of the plain pass."""
     fp32_attention: bool = True
     """With dtype bfloat16: compute attention (softmax(QK^T) V) in fp32 while the linear
-    layers run in bf16. On the CPU torch's bf16 attention is 2x (training) to 11x (a
-    decoding step) slower than fp32 at these sizes; fp32 is also the more precise."""
+    layers run in bf16. On the CPU torch's bf16 attention kernels are much slower than
+    fp32 at these sizes; fp32 is also the more precise."""
     onednn_matmul: bool = True
     """CPU, fp32: do the matmuls of every linear layer (forward and backward) with oneDNN
-    instead of torch's BLAS (MKL, about half as fast on AMD processors). Same maths; the
+    instead of torch's BLAS (MKL, slower on AMD processors). Same maths; the
     fp32 sums are rounded in another order. bf16 autocast uses oneDNN anyway."""
 
 
@@ -135,22 +130,31 @@ class RolloutConfig:
     """Stop generating once every sequence has emitted EOS. Off: always max_new_tokens."""
     packed_decoding: bool = True
     """CPU: prepack the policy's weights once per rollout into oneDNN's layout for the
-    small matmuls of each decoding step (about 1.7x faster steps). Same maths; the sums are
-    rounded in another order, so the sampler's log-probs differ from the recomputed ones by
-    about 1e-5 (policy/logprob_gap)."""
+    small matmuls of each decoding step, which run far below the machine's rate otherwise.
+    Same maths; the sums are rounded in another order, so the sampler's log-probs differ
+    from the recomputed ones within rounding (policy/logprob_gap)."""
     inverse_cdf_sampling: bool = True
     """Draw each token by inverse-CDF sampling: one uniform number per sequence against the
-    float64 cumulative sum of the probabilities (about 2 ms a step for 8 x 49152 here).
-    The same distribution as `torch.multinomial`, which spends about 6 ms a step on one
-    random number per vocabulary entry. Off: multinomial, the very tokens
+    float64 cumulative sum of the probabilities. The same distribution as
+    `torch.multinomial`, which draws one random number per vocabulary entry, several times
+    slower at a 50k vocabulary. Off: multinomial, the very tokens
     `generate(do_sample=True)` draws from the same random state."""
 
 
 @dataclass
 class PPOConfig:
-    algo: Literal["ppo", "a2c"] = "ppo"
-    """`ppo`: clipped surrogate, several epochs over minibatches. `a2c`: the basic loss
-    -log pi * A, one pass, no clipping."""
+    algo: str = "ppo"
+    """The policy loss, by its name in `rlhf.algos.POLICY_LOSSES`. `ppo`: clipped
+    surrogate, several epochs over minibatches. `a2c`: the basic loss -log pi * A, one pass,
+    no clipping."""
+    advantage: str = "gae"
+    """The advantage estimator, by its name in `rlhf.algos.ADVANTAGE_ESTIMATORS`. `gae`:
+    generalised advantage estimation over the per-token rewards and the critic's values."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How per-token losses become one number (`rlhf.algos.aggregate_loss`): a mean over
+    every real token of the minibatch, a mean over sequences of each one's token mean, or
+    the token sum divided by sequences x max_new_tokens. None depends on how the minibatch
+    is split into micro-batches or processes."""
     epochs: int = 1
     """Passes over each rollout batch (forced to 1 for a2c)."""
     minibatch_size: Optional[int] = None
@@ -165,8 +169,8 @@ class PPOConfig:
     adam_eps: float = 1.0e-5
     """Adam epsilon; 1e-5 is the PPO literature's value."""
     fused_adamw: bool = True
-    """AdamW as one fused kernel per parameter (CPU and CUDA): about 6x faster optimiser
-    steps on the CPU than the per-operation loop; the same update within fp32 rounding."""
+    """AdamW as one fused kernel per parameter (CPU and CUDA): much faster optimiser steps
+    on the CPU than the per-operation loop; the same update within fp32 rounding."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
@@ -244,8 +248,8 @@ class TrainConfig:
     """torch intra-op threads (default: torch's choice)."""
     keep_freed_memory: bool = True
     """Linux/glibc: keep freed memory in the process for the next tensors instead of
-    unmapping every large block (rlhf.memory): no page faults on each step's large tensors
-    (full fine-tuning step 6.52 -> 5.19 s on 2 cores), about 0.1 GiB more peak memory."""
+    unmapping every large block (rlhf.memory): no page faults on each step's large tensors,
+    for a little more peak memory."""
     report: bool = True
     """Write report.html at the end of training."""
     progress: bool = True
@@ -265,42 +269,50 @@ class Config:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def validate(self, complete: bool = False) -> None:
+        """The checks across fields that the types alone cannot express, run at load; with
+        `complete`, also that a reward and prompts are named (a trainer asks for this, as a
+        config may be loaded in part and completed in code)."""
+        from rlhf import algos
 
-def validate_ppo_config(cfg: Config) -> Config:
-    """Checks across fields that the types alone cannot express."""
-    if (cfg.reward.model is None) == (cfg.reward.function is None):
-        raise ConfigError("reward: set exactly one of reward.model (a directory) or reward.function (module:function)")
-    if not cfg.data.prompts:
-        raise ConfigError("data.prompts: a prompts file or directory is required")
-    positive = {
-        "rollout.batch_size": cfg.rollout.batch_size,
-        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-        "ppo.epochs": cfg.ppo.epochs,
-        "train.steps": cfg.train.steps,
-        "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name}: expected a positive integer, got {value}")
-    if cfg.rollout.temperature <= 0:
-        raise ConfigError(f"rollout.temperature: expected > 0, got {cfg.rollout.temperature}")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"rollout.top_p: expected in (0, 1], got {cfg.rollout.top_p}")
-    for name in ("clip_eps", "value_clip", "kl_coef", "lr", "entropy_coef"):
-        if getattr(cfg.ppo, name) < 0:
-            raise ConfigError(f"ppo.{name}: expected >= 0, got {getattr(cfg.ppo, name)}")
-    if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
-        raise ConfigError("ppo.gamma and ppo.lam: expected values in [0, 1]")
-    mb = cfg.ppo.minibatch_size or cfg.rollout.batch_size
-    micro = cfg.ppo.micro_batch_size or mb
-    if cfg.rollout.batch_size % mb:
-        raise ConfigError(f"ppo.minibatch_size: {mb} must divide rollout.batch_size {cfg.rollout.batch_size}")
-    if mb % micro:
-        raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
-    if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
-        raise ConfigError(f"ppo.kl_target: expected > 0 or null, got {cfg.ppo.kl_target}")
-    validate_diagnostics_config(cfg.diagnostics)
-    return cfg
+        cfg = self
+        positive = {
+            "rollout.batch_size": cfg.rollout.batch_size,
+            "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+            "ppo.epochs": cfg.ppo.epochs,
+            "train.steps": cfg.train.steps,
+            "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name}: expected a positive integer, got {value}")
+        if cfg.rollout.temperature <= 0:
+            raise ConfigError(f"rollout.temperature: expected > 0, got {cfg.rollout.temperature}")
+        if not 0 < cfg.rollout.top_p <= 1:
+            raise ConfigError(f"rollout.top_p: expected in (0, 1], got {cfg.rollout.top_p}")
+        for name in ("clip_eps", "value_clip", "kl_coef", "lr", "entropy_coef"):
+            if getattr(cfg.ppo, name) < 0:
+                raise ConfigError(f"ppo.{name}: expected >= 0, got {getattr(cfg.ppo, name)}")
+        if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
+            raise ConfigError("ppo.gamma and ppo.lam: expected values in [0, 1]")
+        mb = cfg.ppo.minibatch_size or cfg.rollout.batch_size
+        micro = cfg.ppo.micro_batch_size or mb
+        if cfg.rollout.batch_size % mb:
+            raise ConfigError(f"ppo.minibatch_size: {mb} must divide rollout.batch_size {cfg.rollout.batch_size}")
+        if mb % micro:
+            raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
+        if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
+            raise ConfigError(f"ppo.kl_target: expected > 0 or null, got {cfg.ppo.kl_target}")
+        cfg.diagnostics.validate()
+        for field_name, registry in (("algo", algos.POLICY_LOSSES), ("advantage", algos.ADVANTAGE_ESTIMATORS)):
+            if getattr(cfg.ppo, field_name) not in registry:
+                raise ConfigError(f"ppo.{field_name}: expected one of {', '.join(map(repr, registry))}, "
+                                  f"got {getattr(cfg.ppo, field_name)!r}")
+        if complete and (cfg.reward.model is None) == (cfg.reward.function is None):
+            raise ConfigError("reward: set exactly one of reward.model (a directory) or reward.function (module:function)")
+        if complete and not cfg.data.prompts:
+            raise ConfigError("data.prompts: a prompts file or directory is required")
+
 
 
 # --------------------------------------------------------------------------------------
@@ -323,27 +335,31 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _convert_union(value: Any, args: tuple, name: str) -> Any:
+    """The first alternative of a Union (Optional included) that accepts `value`."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, name)
+        except ConfigError as e:
+            errors.append(str(e))
+    if len(errors) > 1:  # "name: expected X, got v" from each alternative
+        expected = " or ".join(e.split(": expected ", 1)[-1].rsplit(", got ", 1)[0] for e in errors)
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+    raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+
+
 def _convert(value: Any, tp: Any, name: str) -> Any:
     """Coerce a YAML or command-line value to the annotated type, or raise ConfigError."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, name)
-            except ConfigError as e:
-                errors.append(str(e))
-        if len(errors) > 1:  # "name: expected X, got v" from each alternative
-            expected = " or ".join(e.split(": expected ", 1)[-1].rsplit(", got ", 1)[0] for e in errors)
-            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
-        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+        return _convert_union(value, typing.get_args(tp), name)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -404,7 +420,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             + ", ".join(names)
         )
     kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if not prefix and hasattr(obj, "validate"):  # the whole config: its cross-field checks
+        obj.validate()
+    return obj
 
 
 def to_dict(cfg: Any) -> dict:

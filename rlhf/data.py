@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from rlhf.config import UserInputError
+from rlhf.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -151,6 +151,22 @@ class DemoConfig:
     ppo: DemoPPOConfig = field(default_factory=DemoPPOConfig)
     eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
 
+    def validate(self) -> None:
+        cfg = self
+        d = cfg.data
+        if not 0 < d.heldout_fraction < 1:
+            raise ConfigError(f"data.heldout_fraction: expected a value in (0, 1), got {d.heldout_fraction}")
+        for name in ("train_pairs_per_type", "eval_pairs_per_type", "prompt_words", "train_prompts"):
+            if getattr(d, name) <= 0:
+                raise ConfigError(f"data.{name}: expected a positive integer, got {getattr(d, name)}")
+        for name in ("steps", "batch_size", "epochs", "minibatch_size", "max_new_tokens", "kl_horizon"):
+            if getattr(cfg.ppo, name) <= 0:
+                raise ConfigError(f"ppo.{name}: expected a positive integer, got {getattr(cfg.ppo, name)}")
+        if cfg.eval.num_prompts < 2:
+            raise ConfigError(f"eval.num_prompts: expected at least 2 (a standard error needs two), got {cfg.eval.num_prompts}")
+        if cfg.eval.kl_bound <= 0:
+            raise ConfigError(f"eval.kl_bound: expected > 0, got {cfg.eval.kl_bound}")
+
 
 # --------------------------------------------------------------------------------------
 # Tweets, pairs, prompts
@@ -349,23 +365,6 @@ def difference(before: list[float], after: list[float]) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def validate_demo_config(cfg: DemoConfig) -> DemoConfig:
-    d = cfg.data
-    if not 0 < d.heldout_fraction < 1:
-        raise ConfigError(f"data.heldout_fraction: expected a value in (0, 1), got {d.heldout_fraction}")
-    for name in ("train_pairs_per_type", "eval_pairs_per_type", "prompt_words", "train_prompts"):
-        if getattr(d, name) <= 0:
-            raise ConfigError(f"data.{name}: expected a positive integer, got {getattr(d, name)}")
-    for name in ("steps", "batch_size", "epochs", "minibatch_size", "max_new_tokens", "kl_horizon"):
-        if getattr(cfg.ppo, name) <= 0:
-            raise ConfigError(f"ppo.{name}: expected a positive integer, got {getattr(cfg.ppo, name)}")
-    if cfg.eval.num_prompts < 2:
-        raise ConfigError(f"eval.num_prompts: expected at least 2 (a standard error needs two), got {cfg.eval.num_prompts}")
-    if cfg.eval.kl_bound <= 0:
-        raise ConfigError(f"eval.kl_bound: expected > 0, got {cfg.eval.kl_bound}")
-    return cfg
-
-
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -407,7 +406,7 @@ def cached_reward_model(cfg: DemoConfig, train_path: Path, eval_path: Path) -> t
 
 def ppo_config(cfg: DemoConfig, reward_model: Path, train_prompts: Path, eval_prompts: Path, out_dir: Path):
     """The `rlhf ppo` config of the demo (saved in the run directory as ppo/config.yaml)."""
-    from rlhf.config import Config, validate_ppo_config
+    from rlhf.config import Config
 
     p = cfg.ppo
     data = {
@@ -430,7 +429,7 @@ def ppo_config(cfg: DemoConfig, reward_model: Path, train_prompts: Path, eval_pr
                   "threads": cfg.threads, "progress": cfg.progress},
     }
     data = apply_overrides(data, list(p.options))
-    return validate_ppo_config(from_dict(Config, data))
+    return from_dict(Config, data)
 
 
 def evaluate(trainer, prompts: list[str], seed: int, desc: str, progress: bool) -> dict:
@@ -483,7 +482,6 @@ def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> 
     cfg = load_config(DemoConfig, None, overrides)
     if out_dir is not None:
         cfg.out_dir = out_dir
-    cfg = validate_demo_config(cfg)
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
@@ -491,20 +489,7 @@ def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> 
         torch.set_num_threads(cfg.threads)
 
     # 1. Pairs and prompts; the split is by tweet, before anything else.
-    tweets = read_tweets(cfg.data.csv or tweets_csv_path())
-    train_tweets, held_tweets = split_tweets(tweets, cfg.data.heldout_fraction, cfg.seed)
-    data_dir = run / "data"
-    rm_train, rm_eval = data_dir / "rm_train.jsonl", data_dir / "rm_eval.jsonl"
-    write_jsonl(rm_train, build_pairs(train_tweets, cfg.data.train_pairs_per_type, cfg.seed, cfg.data.min_confidence))
-    write_jsonl(rm_eval, build_pairs(held_tweets, cfg.data.eval_pairs_per_type, cfg.seed + 1))
-    prompts = build_prompts(held_tweets, cfg.data.prompt_words, cfg.seed)
-    n_eval = cfg.eval.num_prompts
-    if len(prompts) < n_eval + 1:
-        raise UserInputError(f"demo data: only {len(prompts)} held-out openings for eval.num_prompts={n_eval}")
-    eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:n_eval + cfg.data.train_prompts]
-    eval_path, train_path = data_dir / "prompts_eval.jsonl", data_dir / "prompts_train.jsonl"
-    write_jsonl(eval_path, [{"prompt": p} for p in eval_prompts])
-    write_jsonl(train_path, [{"prompt": p} for p in train_prompts])
+    rm_train, rm_eval, eval_prompts, train_path, eval_path = _write_demo_data(cfg, run / "data")
 
     # 2. The reward model.
     rm_dir, rm_metrics, reused = cached_reward_model(cfg, rm_train, rm_eval)
@@ -517,26 +502,56 @@ def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> 
     after = evaluate(trainer, eval_prompts, cfg.eval.seed, "evaluate after", cfg.progress)
 
     # 4. Figures, samples, summary.
-    fig_before = summarize(before["scores"], before["judge"], before["kl"], before["responses"])
-    fig_after = summarize(after["scores"], after["judge"], after["kl"], after["responses"])
     samples = [{"prompt": p, "before": before["responses"][i], "after": after["responses"][i],
                 "before_score": before["scores"][i], "after_score": after["scores"][i],
                 "before_judge": before["judge"][i], "after_judge": after["judge"][i],
                 "before_kl": before["kl"][i], "after_kl": after["kl"][i]} for i, p in enumerate(eval_prompts)]
     write_jsonl(run / "eval_samples.jsonl", samples)
+    summary = _summary(cfg, before, after, rm_dir, rm_metrics, reused)
+    summary["wall_s"] = time.perf_counter() - t0
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = format_summary(summary, samples[:cfg.eval.show_samples])
+    (run / "summary.txt").write_text(text + "\n")
+    print(text)
+    print(f"\nrun directory: {run}")
+    return summary
+
+
+def _write_demo_data(cfg: DemoConfig, data_dir: Path):
+    """Preference pairs (train and held-out, split by tweet) and the prompt files; returns
+    (pairs train, pairs held-out, eval prompts, train prompts file, eval prompts file)."""
+    tweets = read_tweets(cfg.data.csv or tweets_csv_path())
+    train_tweets, held_tweets = split_tweets(tweets, cfg.data.heldout_fraction, cfg.seed)
+    rm_train, rm_eval = data_dir / "rm_train.jsonl", data_dir / "rm_eval.jsonl"
+    write_jsonl(rm_train, build_pairs(train_tweets, cfg.data.train_pairs_per_type, cfg.seed, cfg.data.min_confidence))
+    write_jsonl(rm_eval, build_pairs(held_tweets, cfg.data.eval_pairs_per_type, cfg.seed + 1))
+    prompts = build_prompts(held_tweets, cfg.data.prompt_words, cfg.seed)
+    n_eval = cfg.eval.num_prompts
+    if len(prompts) < n_eval + 1:
+        raise UserInputError(f"demo data: only {len(prompts)} held-out openings for eval.num_prompts={n_eval}")
+    eval_prompts, train_prompts = prompts[:n_eval], prompts[n_eval:n_eval + cfg.data.train_prompts]
+    eval_path, train_path = data_dir / "prompts_eval.jsonl", data_dir / "prompts_train.jsonl"
+    write_jsonl(eval_path, [{"prompt": p} for p in eval_prompts])
+    write_jsonl(train_path, [{"prompt": p} for p in train_prompts])
+    return rm_train, rm_eval, eval_prompts, train_path, eval_path
+
+
+def _summary(cfg: DemoConfig, before: dict, after: dict, rm_dir: Path, rm_metrics: dict, reused: bool) -> dict:
+    """Figures before and after, their differences, and the demo's pass/fail checks."""
+    fig_before = summarize(before["scores"], before["judge"], before["kl"], before["responses"])
+    fig_after = summarize(after["scores"], after["judge"], after["kl"], after["responses"])
     accuracy_by_type = {"/".join(k.split("/")[1:-1]): v for k, v in rm_metrics.items()
                         if k.startswith("eval/") and k.endswith("/accuracy") and k.count("/") == 2}
     change = {"score": difference(before["scores"], after["scores"]),
               "judge": difference(before["judge"], after["judge"])}
-    summary = {
-        "wall_s": time.perf_counter() - t0,
+    return {
         "reward_model": {"accuracy": accuracy_by_type.get("positive>negative"), "accuracy_by_type": accuracy_by_type,
                          "path": str(rm_dir), "cached": reused, "train_s": rm_metrics.get("time/train_s")},
         "before": fig_before,
         "after": fig_after,
         "change": change,
         "kl_bound": cfg.eval.kl_bound,
-        "num_prompts": n_eval,
+        "num_prompts": cfg.eval.num_prompts,
         "checks": {
             "reward_model_accuracy_0.85": (accuracy_by_type.get("positive>negative") or 0.0) >= 0.85,
             "score_up_2se": change["score"]["z"] > 2,
@@ -548,9 +563,3 @@ def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> 
                              and fig_after["repeat4"] <= fig_before["repeat4"] + 0.05),
         },
     }
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = format_summary(summary, samples[:cfg.eval.show_samples])
-    (run / "summary.txt").write_text(text + "\n")
-    print(text)
-    print(f"\nrun directory: {run}")
-    return summary

@@ -1,4 +1,4 @@
-"""Health checks over the metric stream: the symptoms of docs/pitfalls.md, named and thresholded.
+"""Health checks over the metric stream: the symptoms of the field's known pitfalls, named and thresholded.
 
 `HealthMonitor.observe` reads one metrics.jsonl row at a time and returns the alerts that
 fire at that step. Each alert names the check, the likely cause and the knob to turn. Trend
@@ -6,14 +6,16 @@ checks compare the last `window` steps with the first `window` steps of the run 
 "start"), so they need `2 * window` steps before they can fire. A check that fires stays
 quiet for `cooldown` steps, then fires again if its condition still holds.
 
-Pure Python: `rlhf.config` imports `DiagnosticsConfig` from here, so nothing heavy (and
-not `rlhf.config`) may be imported at module level.
+Pure Python, no heavy imports: `rlhf.config` imports `DiagnosticsConfig` from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from rlhf.errors import ConfigError
 from typing import Optional
 
 CHECKS = (
@@ -83,6 +85,15 @@ class DiagnosticsConfig:
     patience: int = 3
     """... for this many consecutive steps."""
 
+    def validate(self) -> None:
+        """Raise ConfigError for a name in `disabled` that is not a check, or a window or
+        patience below 1."""
+        unknown = [name for name in self.disabled if name not in CHECKS]
+        if unknown:
+            raise ConfigError(f"diagnostics.disabled: unknown check {unknown[0]!r}; checks: {', '.join(CHECKS[:-1])}")
+        if self.window < 1 or self.patience < 1:
+            raise ConfigError("diagnostics.window and diagnostics.patience: expected positive integers")
+
 
 @dataclass
 class Alert:
@@ -94,6 +105,9 @@ class Alert:
 
     def __str__(self) -> str:
         return f"[{self.severity}] step {self.step} {self.check}: {self.message}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------
@@ -156,23 +170,11 @@ def _rounded(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(x, 4)
 
 
-def validate_diagnostics_config(cfg: DiagnosticsConfig) -> None:
-    """Raise ConfigError for a name in `disabled` that is not a check, or a window or
-    patience below 1."""
-    from rlhf.config import ConfigError  # here, not at the top: rlhf.config imports this module
-
-    unknown = [name for name in cfg.disabled if name not in CHECKS]
-    if unknown:
-        raise ConfigError(f"diagnostics.disabled: unknown check {unknown[0]!r}; checks: {', '.join(CHECKS[:-1])}")
-    if cfg.window < 1 or cfg.patience < 1:
-        raise ConfigError("diagnostics.window and diagnostics.patience: expected positive integers")
-
-
 class HealthMonitor:
     """Feed it metrics rows in step order; it returns the alerts that fire."""
 
     def __init__(self, cfg: DiagnosticsConfig, *, kl_target: float | None = None, max_new_tokens: int | None = None):
-        validate_diagnostics_config(cfg)
+        cfg.validate()
         self.cfg = cfg
         self.kl_target = kl_target
         self.max_new_tokens = max_new_tokens

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf.config import UserInputError
+from rlhf.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,10 @@ def init_value_head(linear: nn.Linear) -> None:
     """A fresh value head starts at zero: V = 0 for every state, so the critic begins as the
     constant baseline (explained variance exactly 0) and its first steps add no noise to the
     advantages. Even the small random head above reads the trunk's last hidden states, whose
-    entries have RMS about 2 in SmolLM2, and predicts values with a spread of about 2: four
-    times the spread of the returns it has to predict (explained variance -4.5 at the demo's
-    first step, below 0 for most of its 30 steps). The weights still get gradients
-    (h * (V - R)), so it learns from the first minibatch."""
+    entries are large (RMS of order 1 or more), and starts with values spread wider than
+    the returns it has to predict: a critic worse than a constant (negative explained
+    variance). The weights still get gradients (h * (V - R)), so it learns from the first
+    minibatch."""
     nn.init.zeros_(linear.weight)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf.config import UserInputError
+from rlhf.errors import UserInputError
 
 MAX_INSPECTED = 6  # token-inspector sequences shown
 MAX_TOKENS = 400  # tokens shown per inspected sequence

@@ -26,6 +26,8 @@ import torch
 
 from rlhf import algos
 from rlhf.config import ConfigError, UserInputError, save_config
+from rlhf.optim import lr_schedule
+from rlhf.precision import Precision
 from rlhf.data import read_jsonl
 from rlhf.models import (_from_pretrained, init_scalar_head, load_tokenizer, resolve_model)
 
@@ -89,24 +91,23 @@ class RewardModelConfig:
     progress: bool = True
     """Show progress bars."""
 
-
-def validate_reward_model_config(cfg: RewardModelConfig) -> RewardModelConfig:
-    if not cfg.train_data:
-        raise ConfigError("train_data: a JSONL file of preferences is required")
-    if cfg.lr <= 0:
-        raise ConfigError(f"lr: expected > 0, got {cfg.lr}")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise ConfigError(f"eval_fraction: expected a value in [0, 1), got {cfg.eval_fraction}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise ConfigError(f"max_steps: expected a positive integer or null, got {cfg.max_steps}")
-    if cfg.max_length < 8:
-        raise ConfigError(f"max_length: expected at least 8 tokens, got {cfg.max_length}")
-    if cfg.warmup_steps < 0 or cfg.max_grad_norm < 0 or cfg.weight_decay < 0:
-        raise ConfigError("warmup_steps, max_grad_norm and weight_decay: expected >= 0")
-    return cfg
+    def validate(self) -> None:
+        cfg = self
+        if not cfg.train_data:
+            raise ConfigError("train_data: a JSONL file of preferences is required")
+        if cfg.lr <= 0:
+            raise ConfigError(f"lr: expected > 0, got {cfg.lr}")
+        if not 0 <= cfg.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction: expected a value in [0, 1), got {cfg.eval_fraction}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            if getattr(cfg, name) <= 0:
+                raise ConfigError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
+        if cfg.max_steps is not None and cfg.max_steps <= 0:
+            raise ConfigError(f"max_steps: expected a positive integer or null, got {cfg.max_steps}")
+        if cfg.max_length < 8:
+            raise ConfigError(f"max_length: expected at least 8 tokens, got {cfg.max_length}")
+        if cfg.warmup_steps < 0 or cfg.max_grad_norm < 0 or cfg.weight_decay < 0:
+            raise ConfigError("warmup_steps, max_grad_norm and weight_decay: expected >= 0")
 
 
 # --------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def _forward(model, tokenizer, ids: list[list[int]], dtype: str) -> torch.Tensor
     """Scores (on the model's device) of a batch of token-id lists, padded here."""
     device = next(model.parameters()).device
     batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with Precision(dtype).autocast(device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[:, 0].float()
 
@@ -313,9 +314,7 @@ def _mean_std(values: list[float]) -> dict:
 
 def train_reward_model(cfg: RewardModelConfig) -> dict:
     """Train, evaluate and save a reward model into cfg.out_dir; returns the metrics."""
-    from tqdm.auto import tqdm
-
-    cfg = validate_reward_model_config(cfg)
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pairs = load_preferences(cfg.train_data)
@@ -326,51 +325,57 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
+    (out_dir / "metrics.jsonl").write_text("")
 
     model, tokenizer = load_backbone(cfg)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.train()  # dropout is already 0 (frozen_dropout); train() only for modules that care
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train_pairs) / cfg.batch_size)
+    t0 = time.perf_counter()
+    row = _train_steps(cfg, model, tokenizer, train_pairs, total_steps, out_dir / "metrics.jsonl")
+    train_s = time.perf_counter() - t0
+    model.eval()
+    metrics: dict = {"train/pairs": len(train_pairs), "train/steps": total_steps, "time/train_s": train_s,
+                     "train/loss": row["train/loss"]}
+    return _evaluate_and_save(cfg, model, tokenizer, train_pairs, eval_pairs, metrics, out_dir)
+
+
+def _length_grouped_batches(pairs: list[Preference], length, batch_size: int, rng: random.Random):
+    """Endless shuffled batches, length-grouped as transformers' group_by_length: each window
+    of 64 batches is sorted by token length before it is cut, so a batch pads to similar
+    lengths; the batches are shuffled again."""
+    window = 64 * batch_size
+    while True:
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        epoch = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: length(pairs[i]))
+            epoch += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        rng.shuffle(epoch)
+        for batch in epoch:
+            yield [pairs[i] for i in batch]
+
+
+def _train_steps(cfg: RewardModelConfig, model, tokenizer, train_pairs: list[Preference], total_steps: int,
+                 metrics_path: Path) -> dict:
+    """The Bradley-Terry steps; returns the last metrics row written."""
+    from tqdm.auto import tqdm
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    def lr_lambda(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        decay = max(0.0, 1.0 - step / total_steps) if cfg.lr_schedule == "linear" else 1.0
-        return warm * decay
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    rng = random.Random(cfg.seed)
-
+    scheduler = lr_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.lr_schedule)
     ids = tokenize(tokenizer, [p.prompt + t for p in train_pairs for t in (p.chosen, p.rejected)], cfg.max_length)
 
     def pair_length(p: Preference) -> int:
         return max(len(ids[p.prompt + p.chosen]), len(ids[p.prompt + p.rejected]))
 
-    def batches():
-        # Length-grouped, as transformers' group_by_length: each window of 64 batches is
-        # sorted by token length before it is cut, so a batch pads to similar lengths (a
-        # third less compute on tweets); the batches are shuffled again.
-        bs, window = cfg.batch_size, 64 * cfg.batch_size
-        while True:
-            order = list(range(len(train_pairs)))
-            rng.shuffle(order)
-            epoch = []
-            for start in range(0, len(order), window):
-                chunk = sorted(order[start:start + window], key=lambda i: pair_length(train_pairs[i]))
-                epoch += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
-            rng.shuffle(epoch)
-            for batch in epoch:
-                yield [train_pairs[i] for i in batch]
-
+    batches = _length_grouped_batches(train_pairs, pair_length, cfg.batch_size, random.Random(cfg.seed))
     t0 = time.perf_counter()
     recent: dict[str, list[float]] = {"loss": [], "accuracy": []}
     row: dict = {}
     bar = tqdm(total=total_steps, desc="reward model", disable=not cfg.progress)
     with open(metrics_path, "a") as log_file:
-        for step, batch in zip(range(1, total_steps + 1), batches()):
+        for step, batch in zip(range(1, total_steps + 1), batches):
             texts = [p.prompt + p.chosen for p in batch] + [p.prompt + p.rejected for p in batch]
             rewards = _forward(model, tokenizer, [ids[t] for t in texts], cfg.dtype)
             margin = None
@@ -397,11 +402,12 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
                 recent = {"loss": [], "accuracy": []}
             bar.update(1)
     bar.close()
-    train_s = time.perf_counter() - t0
-    model.eval()
+    return row
 
-    metrics: dict = {"train/pairs": len(train_pairs), "train/steps": total_steps, "time/train_s": train_s,
-                     "train/loss": row["train/loss"]}
+
+def _evaluate_and_save(cfg: RewardModelConfig, model, tokenizer, train_pairs, eval_pairs, metrics: dict,
+                       out_dir: Path) -> dict:
+    """Held-out pairwise accuracy, the score statistics, and the model saved with them."""
     # The reference set for the score statistics: the held-out texts (or, without any, up
     # to 1024 training texts), scored once each.
     reference = eval_pairs or train_pairs[:512]

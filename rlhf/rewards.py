@@ -10,8 +10,10 @@ from typing import Callable
 
 import torch
 
-from rlhf.config import RewardConfig, UserInputError
+from rlhf.config import RewardConfig
+from rlhf.errors import UserInputError
 from rlhf.models import load_reward_model, load_tokenizer, read_reward_stats, resolve_model
+from rlhf.precision import FP32, Precision
 from rlhf.rollout import position_ids
 
 
@@ -57,15 +59,18 @@ def call_text_function(fn: Callable, prompts: list[str], responses: list[str], f
 
 
 class Reward:
-    """Scores responses: `raw(prompts, responses, ...)` and `score(...)` post-processed."""
+    """Scores responses: `raw(prompts, responses, ...)` from a reward function or model, and
+    `process(raw, has_eos)`, the scores the policy is trained on.
+
+    With a reward function, `model`, `path`, `tokenizer` and `stats` are None and
+    `same_tokenizer` is False."""
 
     def __init__(self, cfg: RewardConfig, policy_tokenizer, cache_dir: str | None = None, trust_remote_code: bool = False,
                  device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.fn = None
-        self.model = None
-        self.stats = None
+        self.fn = self.model = self.path = self.tokenizer = self.stats = None
+        self.same_tokenizer = False
         if cfg.function:
             self.fn = import_function(cfg.function, "reward.function")
         else:
@@ -79,7 +84,7 @@ class Reward:
 
     @torch.no_grad()
     def raw(self, prompts: list[str], responses: list[str], sequence_ids: torch.Tensor | None = None,
-            sequence_mask: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+            sequence_mask: torch.Tensor | None = None, precision: Precision = FP32) -> torch.Tensor:
         """Unprocessed scores, one per response (float32, on the reward's device).
 
         With a reward model, the input is the prompt text followed by the response text
@@ -100,8 +105,7 @@ class Reward:
                 texts = [(p + r) if self.cfg.include_prompt else r for p, r in zip(prompts[i:i + bs], responses[i:i + bs])]
                 batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                        max_length=self.cfg.max_length).to(self.device)
-            with torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                                enabled=dtype is not None and dtype != torch.float32):
+            with precision.autocast(self.device):
                 logits = self.model(**batch).logits
             scores.append(logits[:, 0].float())
         return torch.cat(scores)

@@ -9,95 +9,18 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
-from rlhf import algos, onednn
+from rlhf import algos
 from rlhf.config import RolloutConfig
+from rlhf.errors import NonFiniteError
+from rlhf.experience import Rollout
+from rlhf.precision import FP32, Precision, as_precision
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf reached a loss, reward, probability or gradient; the step was refused."""
-
-
-@dataclass
-class Rollout:
-    prompt_ids: torch.Tensor
-    """(B, P) left-padded prompt ids."""
-    prompt_mask: torch.Tensor
-    """(B, P) 1 on real prompt tokens."""
-    response_ids: torch.Tensor
-    """(B, R) sampled tokens up to and including the first EOS, pad after it."""
-    response_mask: torch.Tensor
-    """(B, R) float, 1 on real response tokens (the EOS included)."""
-    has_eos: torch.Tensor
-    """(B,) bool: the response ended with EOS within max_new_tokens."""
-    gen_logprobs: torch.Tensor | None = None
-    """(B, R) log-probs the sampler used, to check against the recomputed ones."""
-
-    @property
-    def sequence_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
-
-    def select(self, index: torch.Tensor) -> "Rollout":
-        return Rollout(*(None if v is None else v[index] for v in (
-            self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask, self.has_eos, self.gen_logprobs)))
-
-
-def autocast(dtype: str, device: torch.device | str = "cpu"):
-    """bf16 autocast on `device`'s type for forwards when asked; log-probs and losses are
-    computed in fp32."""
-    if dtype == "bfloat16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def fp32_attention(model: nn.Module) -> nn.Module:
-    """Under bf16 autocast, compute attention (softmax(QK^T/sqrt(d)) V) in fp32; the linear
-    layers stay bf16. torch's bf16 attention kernels on the CPU are 2x (training) to 11x
-    (a decoding step) slower than fp32 at these sizes, and fp32 is the more precise. Applies
-    to models using transformers' `sdpa` attention; others are left as they are."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def sdpa_in_fp32(module, query, key, value, attention_mask, **kwargs):
-        with torch.autocast(query.device.type, enabled=False):
-            return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-
-    AttentionInterface.register("rlhf_fp32_sdpa", sdpa_in_fp32)
-    AttentionMaskInterface.register("rlhf_fp32_sdpa", sdpa_mask)
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(hf_model.config, "_attn_implementation", None) == "sdpa":
-        hf_model.set_attn_implementation("rlhf_fp32_sdpa")
-    return model
-
-
-def frozen_linears_to_bf16(model: nn.Module) -> nn.Module:
-    """Store the weights of frozen linear layers in bf16, for a model that only ever runs
-    under bf16 autocast: autocast casts them to bf16 on every forward anyway (the numbers
-    are the same), so this saves that cast each time and half their memory. Weights tied to
-    an embedding stay fp32 (the lookup is not autocast)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and not module.weight.requires_grad and id(module.weight) not in embeddings:
-            module.to(torch.bfloat16)
-    # transformers maps the checkpoint file into memory (storages that cannot be resized);
-    # the file stays resident while one tensor points into it, so the fp32 weights kept
-    # here (embedding, norms) are copied out: the fp32 pages of the cast linears are then
-    # released (0.3 GB of resident memory per SmolLM2-sized model).
-    for param in model.parameters():
-        if not param.untyped_storage().resizable():
-            param.data = param.data.clone()
-    return model
 
 
 def warn_off_policy(cfg: RolloutConfig) -> None:
@@ -137,7 +60,7 @@ def _warpers(cfg: RolloutConfig) -> list:
 def _preallocated_cache(config, capacity: int):
     """transformers' dynamic KV cache with its full-attention layers written in place into
     buffers of `capacity` positions: appending a token no longer copies the whole cache
-    (torch.cat per layer per token was a quarter of fp32 decoding time here). Keys and
+    (torch.cat per layer per token). Keys and
     values keep their own dtypes: under bf16 autocast the rotary makes the keys fp32, which
     transformers' StaticCache cannot hold."""
     from transformers import DynamicCache
@@ -190,12 +113,13 @@ def sample(probs: torch.Tensor, inverse_cdf: bool = True) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: RolloutConfig,
-             eos_id: int, pad_id: int, dtype: str = "float32") -> Rollout:
+             eos_id: int, pad_id: int, precision: Precision | str = FP32,
+             decoding: Callable[[nn.Module, int], ContextManager] | None = None) -> Rollout:
     """Sample responses from the policy itself (no repetition penalty, no min length).
 
     A lean loop instead of `model.generate`: the prefill computes logits for the last prompt
-    position only, each decoding step one position with the weights prepacked for its small
-    matmuls (`rollout.packed_decoding`), and the sampler keeps its own log-probs (no
+    position only, each decoding step one position (inside `decoding(model, batch)`, the
+    backend's context for it: prepacked weights on the CPU), and the sampler keeps its own log-probs (no
     (B, R, vocab) score history, no per-token processor machinery). It samples from the
     distribution `generate(do_sample=True)` samples from, the softmax of the processed
     scores; with `rollout.inverse_cdf_sampling` off it draws the very same tokens for the
@@ -213,13 +137,13 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
     gen_logprobs = torch.zeros(B, R, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     width = R
-    packed = onednn.packed_for_decoding(model, B, torch.bfloat16 if dtype == "bfloat16" else torch.float32) \
-        if cfg.packed_decoding and R > 1 else nullcontext()
-    with autocast(dtype, device):
+    precision = as_precision(precision)
+    packed = decoding(model, B) if decoding is not None else nullcontext()
+    with precision.autocast(device):
         logits = model(input_ids=prompt_ids, attention_mask=mask[:, :P], position_ids=positions[:, :P],
                        past_key_values=cache, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
-    with autocast(dtype, device), packed:
+    with precision.autocast(device), packed:
         for t in range(R):
             scores = logits.float()
             for warp in warpers:
@@ -249,7 +173,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def policy_forward(model, rollout: Rollout, temperature: float, dtype: str = "float32",
+def policy_forward(model, rollout: Rollout, temperature: float, precision: Precision | str = FP32,
                    with_entropy: bool = False, with_hidden: bool = False, entropy_grad: bool = True):
     """Log-probs of the response tokens (and optionally entropy, last hidden states).
 
@@ -259,7 +183,7 @@ def policy_forward(model, rollout: Rollout, temperature: float, dtype: str = "fl
     """
     ids, mask = rollout.sequence_ids, rollout.attention_mask
     S, R = ids.shape[1], rollout.response_ids.shape[1]
-    with autocast(dtype, ids.device):
+    with as_precision(precision).autocast(ids.device):
         # The positions S-R-1 .. S-2 predict the response tokens: their logits, contiguous.
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                     logits_to_keep=torch.arange(S - R - 1, S - 1, device=ids.device), output_hidden_states=with_hidden,
@@ -274,10 +198,10 @@ def policy_forward(model, rollout: Rollout, temperature: float, dtype: str = "fl
     return logprobs, entropy, hidden
 
 
-def critic_forward(critic, rollout: Rollout, dtype: str = "float32") -> torch.Tensor:
+def critic_forward(critic, rollout: Rollout, precision: Precision | str = FP32) -> torch.Tensor:
     """V(x, y_<t) for every response position t, from a token-classification critic."""
     ids, mask = rollout.sequence_ids, rollout.attention_mask
     R = rollout.response_ids.shape[1]
-    with autocast(dtype, ids.device):
+    with as_precision(precision).autocast(ids.device):
         out = critic(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     return out.logits[:, -R - 1:-1, 0].float()

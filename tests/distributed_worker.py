@@ -17,7 +17,7 @@ from rlhf.cli import end_launched_process
 from rlhf.config import Config, load_config
 from rlhf.data import left_pad
 from rlhf.ppo import PPOTrainer
-from rlhf.rollout import Rollout
+from rlhf.experience import Rollout
 
 RESPONSE_WIDTH = 8
 
@@ -36,11 +36,25 @@ def fixed_rollout(trainer: PPOTrainer, indices: list[int]) -> Rollout:
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.ones(len(indices), dtype=torch.bool))
 
 
+class FixedGenerator:
+    """The generation seam answered by `fixed_rollout`."""
+
+    def __init__(self, trainer: PPOTrainer):
+        self.trainer = trainer
+
+    def generate(self, prompt_ids: list[list[int]]) -> Rollout:
+        return fixed_rollout(self.trainer, [self.trainer.prompt_ids.index(ids) for ids in prompt_ids])
+
+    def update_weights(self, policy) -> None:
+        pass
+
+
 def main(config_path: str, out_path: str) -> None:
     trainer = PPOTrainer(load_config(Config, config_path))
     acc = trainer.accelerator
-    samples = acc.gather(trainer._rollout([0]).response_ids)  # the real sampler, same prompt on every process
-    trainer._rollout = lambda indices: fixed_rollout(trainer, indices)
+    # The real sampler, same prompt on every process.
+    samples = acc.gather(trainer.generator.generate([trainer.prompt_ids[0]]).response_ids)
+    trainer.generator = FixedGenerator(trainer)
     metrics = trainer.step_once()
     if acc.is_main_process:
         torch.save({"policy": acc.unwrap_model(trainer.policy).state_dict(),

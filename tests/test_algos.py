@@ -1,7 +1,7 @@
 """rlhf.algos as a specification: worked examples with their expected numbers and why.
 
-The numbered examples are those of docs/objective.md ("Worked examples from the source
-texts"); each is checked on the value and on the autograd gradient.
+The numbered examples are the source texts' worked examples of the objective; each is
+checked on the value and on the autograd gradient.
 """
 
 import math

@@ -12,14 +12,18 @@ import pytest
 import torch
 import yaml
 
-from distributed_worker import fixed_rollout
+from distributed_worker import FixedGenerator, fixed_rollout
 from rlhf import memory, onednn
 from rlhf.bench import ModelCost, StepShape, MachineRates, format_result, model_cost, phase_floors, run_bench
 from rlhf.config import Config, RolloutConfig
 from rlhf.data import left_pad
 from rlhf.models import load_policy, load_tokenizer
 from rlhf.ppo import PPOTrainer
-from rlhf.rollout import NonFiniteError, Rollout, frozen_linears_to_bf16, generate, policy_forward, sample, truncate_after_eos
+from rlhf.backend import CPUBackend, frozen_linears_to_bf16
+from rlhf.errors import NonFiniteError
+from rlhf.experience import Rollout
+from rlhf.precision import FP32
+from rlhf.rollout import generate, policy_forward, sample, truncate_after_eos
 from tiny import tiny_llama
 
 
@@ -76,7 +80,8 @@ def test_lean_generation_keeps_the_log_probs_a_full_forward_gives(tiny_policy_di
     ids, mask = left_pad([tok(t)["input_ids"] for t in ("hello there", "hi", "abc def ghi")], tok.pad_token_id)
     cfg = RolloutConfig(max_new_tokens=12, temperature=0.7, early_stop=early_stop, packed_decoding=packed)
     torch.manual_seed(1)
-    rollout = generate(model, ids, mask, cfg, tok.eos_token_id, tok.pad_token_id)
+    decoding = CPUBackend("cpu", FP32, rollout_cfg=cfg).decoding  # the backend applies the packing
+    rollout = generate(model, ids, mask, cfg, tok.eos_token_id, tok.pad_token_id, decoding=decoding)
     recomputed = policy_forward(model, rollout, 0.7)[0] * rollout.response_mask
     torch.testing.assert_close(rollout.gen_logprobs, recomputed, rtol=0, atol=1e-4 if packed else 1e-5)
 
@@ -117,10 +122,10 @@ def _one_step(tmp_path, policy_dir, name, **changes) -> dict:
         section, key = dotted.split("__")
         setattr(getattr(cfg, section), key, value)
     trainer = PPOTrainer(cfg)
-    trainer._rollout = lambda indices: fixed_rollout(trainer, indices)  # responses of different lengths
+    trainer.generator = FixedGenerator(trainer)  # responses of different lengths
     trainer.step_once()
     critic = trainer.value_head if trainer.critic is None else trainer.accelerator.unwrap_model(trainer.critic)
-    return {**{k: v.clone() for k, v in trainer._unwrapped_policy().state_dict().items()},
+    return {**{k: v.clone() for k, v in trainer.models.unwrapped_policy().state_dict().items()},
             **{f"critic.{k}": v.clone() for k, v in critic.state_dict().items()}}
 
 
@@ -146,6 +151,16 @@ def test_the_update_does_not_depend_on_how_the_work_is_split(tmp_path, tiny_poli
                for k in initial if f"critic.{k}" in reference) > 1e-4
     for name, weight in reference.items():
         torch.testing.assert_close(other[name], weight, rtol=0, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_every_loss_aggregation_keeps_the_update_under_micro_batching(tmp_path, tiny_policy_dir, rewards, mode):
+    whole = _one_step(tmp_path, tiny_policy_dir, "whole", ppo__loss_agg=mode)
+    micro = _one_step(tmp_path, tiny_policy_dir, "micro", ppo__loss_agg=mode, ppo__micro_batch_size=1)
+    token_mean = _one_step(tmp_path, tiny_policy_dir, "token-mean")
+    assert max((whole[k] - token_mean[k]).abs().max().item() for k in whole) > 1e-6  # the mode matters
+    for name, weight in whole.items():
+        torch.testing.assert_close(micro[name], weight, rtol=0, atol=2e-6, msg=name)
 
 
 def test_floor_counts_flops_as_written():
@@ -209,7 +224,9 @@ def test_lora_layers_decode_with_their_merged_weight(tiny_policy_dir):
                 p.normal_(0, 0.1)  # a trained adapter, not the zero start
     ids, mask = left_pad([tok(t)["input_ids"] for t in ("hello there", "hi")], tok.pad_token_id)
     torch.manual_seed(1)
-    rollout = generate(model, ids, mask, RolloutConfig(max_new_tokens=10), tok.eos_token_id, tok.pad_token_id)
+    cfg = RolloutConfig(max_new_tokens=10)
+    rollout = generate(model, ids, mask, cfg, tok.eos_token_id, tok.pad_token_id,
+                       decoding=CPUBackend("cpu", FP32, rollout_cfg=cfg).decoding)
     recomputed = policy_forward(model, rollout, 0.7)[0] * rollout.response_mask
     torch.testing.assert_close(rollout.gen_logprobs, recomputed, rtol=0, atol=1e-4)
     assert not any("forward" in m.__dict__ or hasattr(m, "_rlhf_packed") for m in model.modules())
@@ -218,7 +235,7 @@ def test_lora_layers_decode_with_their_merged_weight(tiny_policy_dir):
 def test_fp32_attention_under_bf16_autocast(tiny_policy_dir):
     # The linear layers run in bf16, attention in fp32: the attention inputs reach the
     # kernel as fp32 even inside the autocast region.
-    from rlhf.rollout import fp32_attention
+    from rlhf.backend import fp32_attention
 
     model = fp32_attention(load_policy(tiny_policy_dir).eval())
     assert model.config._attn_implementation == "rlhf_fp32_sdpa"
@@ -314,7 +331,7 @@ def test_trainer_uses_the_lean_mlp_only_without_checkpointing(tmp_path, tiny_pol
     cfg = _config(tmp_path, tiny_policy_dir, "run")
     cfg.model.gradient_checkpointing = mode
     trainer = PPOTrainer(cfg)
-    for model in (trainer._unwrapped_policy(), trainer.accelerator.unwrap_model(trainer.critic)):
+    for model in (trainer.models.unwrapped_policy(), trainer.accelerator.unwrap_model(trainer.critic)):
         assert len(_lean_mlps(model)) == (model.config.num_hidden_layers if mode is False else 0)
 
 
@@ -365,7 +382,8 @@ def _saved_and_flops(trainer) -> tuple[int, float]:
     rollout = fixed_rollout(trainer, [0, 1, 2, 3])
     with FlopCounterMode(display=False) as flops:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-            logprobs, _, values = trainer._loss_forward(rollout)
+            out = trainer.models.train_forward(rollout, torch.arange(4))
+            logprobs, values = out.logprobs, out.values
         (logprobs.sum() + values.sum()).backward()
     return sum(saved), flops.get_total_flops()
 

@@ -174,12 +174,12 @@ def test_non_finite_values_stop_the_step_before_weights_change(workdir, tiny_pol
     trainer = PPOTrainer(make_config(workdir, tiny_policy_dir, train__steps=2, train__save_every=1))
     trainer.train()
     with torch.no_grad():
-        trainer._unwrapped_policy().model.norm.weight[0] = float("nan")
-    before = {k: v.clone() for k, v in trainer._unwrapped_policy().state_dict().items()}
+        trainer.models.unwrapped_policy().model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in trainer.models.unwrapped_policy().state_dict().items()}
     trainer.cfg.train.steps = 3
     with pytest.raises(NonFiniteError, match="non-finite policy probabilities"):
         trainer.train()
-    after = trainer._unwrapped_policy().state_dict()
+    after = trainer.models.unwrapped_policy().state_dict()
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
     alerts = [json.loads(x) for x in (workdir / "run" / "alerts.jsonl").read_text().splitlines()]
     assert alerts[-1]["check"] == "non_finite"
@@ -324,6 +324,22 @@ def test_prompt_formats_and_left_truncation(tmp_path, tiny_policy_dir, caplog):
     assert "3 of 3 prompts" in caplog.text
 
 
+def test_evaluation_renders_chat_prompts_as_training_does(workdir, tiny_policy_dir):
+    from rlhf.generation import RecordingGenerator
+
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]
+    (workdir / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    cfg = make_config(workdir, tiny_policy_dir, data__prompts=str(workdir / "chat.jsonl"), data__chat_template=True,
+                      rollout__batch_size=1, ppo__minibatch_size=None, eval__judge="ppo_test_rewards:share_of_a",
+                      eval__every=1, eval__num_prompts=1)
+    trainer = PPOTrainer(cfg)
+    trainer.generator = recorder = RecordingGenerator(trainer.generator)
+    metrics = trainer.step_once()  # a training rollout, then the judge's evaluation
+    assert "eval/judge_mean" in metrics and len(recorder.rollouts) == 2
+    train_prompt, eval_prompt = (trainer.tokenizer.decode(r.prompt_ids[0]) for r in recorder.rollouts)
+    assert "be kind" in eval_prompt and eval_prompt == train_prompt
+
+
 def test_prompt_stream_shards_and_resumes():
     from rlhf.data import PromptStream
 
@@ -397,7 +413,8 @@ def test_reward_model_reads_policy_tokens_exactly_as_text(workdir, tiny_policy_d
     trainer = PPOTrainer(cfg)
     assert trainer.reward.same_tokenizer
     from rlhf.data import left_pad
-    from rlhf.rollout import Rollout
+    from rlhf.experience import Rollout
+    from rlhf.generation import decode_responses
 
     # Known ASCII text (a random byte-level policy emits invalid UTF-8, which no text
     # round-trips), with prompts and responses of different lengths on both sides.
@@ -410,7 +427,7 @@ def test_reward_model_reads_policy_tokens_exactly_as_text(workdir, tiny_policy_d
     response_ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in resp])
     response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in resp])
     rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.zeros(3, dtype=torch.bool))
-    assert trainer._decode(rollout) == responses
+    assert decode_responses(trainer.tokenizer, rollout) == responses
     fast = trainer.reward.raw(prompts, responses, rollout.sequence_ids, rollout.attention_mask)
     slow = trainer.reward.raw(prompts, responses)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)

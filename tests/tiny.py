@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
 
 def tiny_tokenizer(dirpath: str | Path | None = None) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with no merges: one token per byte (256) plus pad, eos, bos
-    and unk (260 in all). Any text round-trips. pad is distinct from eos (pitfalls.md).
+    and unk (260 in all). Any text round-trips. pad is distinct from eos .
     Saved to `dirpath` when one is given."""
     byte_chars = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
     specials = [PAD, EOS, BOS, UNK]

@@ -1,0 +1,55 @@
+"""Rollout -> Experience: scores, old and reference log-probs, values, per-token rewards and
+advantages, all under the rollout policy (pi_old)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf import algos
+from rlhf.config import PPOConfig, RewardConfig
+from rlhf.errors import NonFiniteError
+from rlhf.experience import Experience, Rollout
+
+
+def check_finite(tensor: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"non-finite values in {where}; the step was refused before any weight changed")
+
+
+class ExperienceMaker:
+    def __init__(self, models, reward, engine, backend, ppo: PPOConfig, reward_cfg: RewardConfig):
+        self.models, self.reward, self.engine, self.backend = models, reward, engine, backend
+        self.ppo, self.reward_cfg = ppo, reward_cfg
+        self.estimator = algos.advantage_estimator(ppo.advantage)
+
+    def make(self, rollout: Rollout, prompts: list[str], responses: list[str], kl_coef: float) -> Experience:
+        p = self.ppo
+        mask = rollout.response_mask
+        old_logprobs, values = self.models.rollout_forward(rollout)
+        with torch.no_grad():
+            ref_logprobs = self.models.ref_logprobs(rollout)
+            raw = self.raw_scores(prompts, responses, rollout)
+            baseline = self.raw_scores(prompts, [""] * len(prompts)) if self.reward_cfg.baseline else None
+            scores = self.reward.process(raw, rollout.has_eos, baseline)
+            for tensor, where in ((scores, "reward scores"), (old_logprobs, "policy log-probs"),
+                                  (ref_logprobs, "reference log-probs"), (values, "critic values")):
+                check_finite(tensor, where)
+            rewards = algos.shape_rewards(scores, old_logprobs, ref_logprobs, mask,
+                                          kl_coef if p.kl_in_reward else 0.0, p.kl_estimator)
+            if p.whiten_rewards:
+                rewards = self.engine.whiten(rewards, mask, shift_mean=False)
+            advantages, returns = self.estimator(rewards=rewards, values=values, mask=mask, scores=scores,
+                                                 gamma=p.gamma, lam=p.lam)
+            if p.whiten_advantages:
+                advantages = self.engine.whiten(advantages, mask)
+        return Experience(rollout=rollout, prompts=prompts, responses=responses, raw_scores=raw, scores=scores,
+                          old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
+                          advantages=advantages, returns=returns, kl_coef=kl_coef)
+
+    def raw_scores(self, prompts: list[str], responses: list[str], rollout: Rollout | None = None) -> torch.Tensor:
+        """Reward before post-processing; the policy's own token ids are used when the
+        reward model shares its tokenizer."""
+        if rollout is None:
+            return self.reward.raw(prompts, responses, precision=self.backend.precision)
+        return self.reward.raw(prompts, responses, rollout.sequence_ids, rollout.attention_mask,
+                               precision=self.backend.precision)
