@@ -460,6 +460,22 @@ def compute_gae(
     return advantages, returns
 
 
+def _registrar(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+    def add(fn: Callable) -> Callable:
+        if name in registry:
+            raise ValueError(f"{kind} {name!r} is registered already")
+        registry[name] = fn
+        return fn
+
+    return add
+
+
+def _registered(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+    if name not in registry:
+        raise ValueError(f"{kind}: expected one of {', '.join(map(repr, registry))}, got {name!r}")
+    return registry[name]
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 
 
@@ -468,22 +484,12 @@ def register_advantage_estimator(name: str) -> Callable:
     returns)` under `name` (the config's `ppo.advantage`). rewards, values, mask: (B, T)
     per-token tensors (values: the critic's); scores: (B,) sequence scores. Take what you
     need by keyword and ignore the rest with **_. `returns` are the critic's targets."""
-
-    def add(fn: Callable) -> Callable:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is registered already")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return add
+    return _registrar(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
 
 
 def advantage_estimator(name: str) -> Callable:
     """The registered estimator `name`; the error lists the registered ones."""
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"advantage estimator: expected one of {', '.join(map(repr, ADVANTAGE_ESTIMATORS))}, "
-                         f"got {name!r}")
-    return ADVANTAGE_ESTIMATORS[name]
+    return _registered(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
 
 
 @register_advantage_estimator("gae")
@@ -529,21 +535,12 @@ def register_policy_loss(name: str) -> Callable:
     **_) -> (per_token_loss, stats)` under `name` (the config's `ppo.algo`). All inputs are
     (B, T); the per-token loss is 0 on padding and is aggregated by `aggregate_loss`; stats
     are python floats over this micro-batch's real tokens."""
-
-    def add(fn: Callable) -> Callable:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is registered already")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return add
+    return _registrar(POLICY_LOSSES, "policy loss", name)
 
 
 def policy_loss(name: str) -> Callable:
     """The registered policy loss `name`; the error lists the registered ones."""
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"policy loss: expected one of {', '.join(map(repr, POLICY_LOSSES))}, got {name!r}")
-    return POLICY_LOSSES[name]
+    return _registered(POLICY_LOSSES, "policy loss", name)
 
 
 @register_policy_loss("ppo")

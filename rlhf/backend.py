@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import logging
+
 import torch
 from torch import nn
 
 from rlhf import memory, onednn
 from rlhf.precision import Precision
+
+log = logging.getLogger(__name__)
 
 
 def fp32_attention(model: nn.Module) -> nn.Module:
@@ -99,10 +103,14 @@ class CPUBackend(Backend):
             torch.set_num_threads(train_cfg.threads)
         if train_cfg.keep_freed_memory:
             memory.keep_freed_memory()  # no page faults on each step's large tensors
+        if not onednn.available() and self.model_cfg is not None and (
+                self.model_cfg.onednn_matmul or (self.rollout_cfg is not None and self.rollout_cfg.packed_decoding)):
+            log.warning("torch %s has no oneDNN linear operator (torch.ops.mkldnn._linear_pointwise): fp32 matmuls "
+                        "and decoding run on torch's default kernels, slower on the CPU", torch.__version__)
 
     def prepare_model(self, model: nn.Module, checkpointed: bool = False) -> nn.Module:
         if not self.precision.bf16 and self.model_cfg is not None and self.model_cfg.onednn_matmul:
-            # MKL runs these fp32 matmuls at about half oneDNN's rate on AMD processors; the
+            # MKL runs these fp32 matmuls well below oneDNN's rate on AMD processors; the
             # lean gated MLP saves nothing under checkpointing, which keeps no activations.
             onednn.use_onednn(model, lean_mlp=not checkpointed)
         return super().prepare_model(model, checkpointed)

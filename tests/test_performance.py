@@ -403,3 +403,14 @@ def test_checkpointing_recomputes_activations_of_policy_and_critic(tmp_path, tin
     assert full_saved < plain_saved / 4 and sel_saved < plain_saved / 4
     assert sel_flops == plain_flops
     assert full_flops > 1.15 * plain_flops  # the layers run forward twice (the vocabulary projection once)
+
+
+def test_a_torch_without_the_onednn_linear_is_named(monkeypatch, caplog):
+    # A torch release that dropped the private operator keeps working on its own kernels,
+    # and says so once, when the backend is set up.
+    from rlhf.config import ModelConfig, TrainConfig
+
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    with caplog.at_level("WARNING"):
+        CPUBackend("cpu", FP32, ModelConfig(), RolloutConfig()).setup_process(TrainConfig(keep_freed_memory=False))
+    assert "no oneDNN linear operator" in caplog.text
