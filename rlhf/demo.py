@@ -88,9 +88,7 @@ class DemoPPOConfig:
     kl_coef: float = 0.08
     """KL coefficient beta. A fixed one: in a run of a few hundred samples the adaptive
     controller first lowers it (the KL starts at 0) and then reacts too late to the climb.
-    0.08 since the value head starts at zero (0.12 before, when a random head's noise in the
-    advantages moved the policy further per step): KL 4.1 and 5.4 at seeds 0 and 1, where 0.12
-    with the zero head gave 4.1 and 2.7 and smaller gains."""
+    Chosen with the zero-initialised value head (benchmarks/NOTEBOOK.md has the runs)."""
     kl_target: Optional[float] = None
     """Sequence KL (nats per response) for the adaptive controller (null: fixed kl_coef)."""
     kl_horizon: int = 100
@@ -134,9 +132,9 @@ class DemoConfig:
     seed: int = 0
     """Seed of the tweet split, the pairs and the prompt order."""
     threads: Optional[int] = 1
-    """torch intra-op threads (null: torch's choice). One by default: on a 2-core machine
-    with any other load, two threads made generation 5 to 15 times slower (OpenMP threads
-    waiting on each other), and one thread meets the demo's time budget."""
+    """torch intra-op threads (null: torch's choice). One by default: on a small machine
+    with any other load, OpenMP threads waiting on each other make generation many times
+    slower, and one thread meets the demo's time budget."""
     cache: bool = True
     """Reuse a reward model trained earlier with the same config and data (under the cache
     directory, `reward_models/<hash>`)."""

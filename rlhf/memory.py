@@ -4,9 +4,8 @@ glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh 
 unmaps it when freed. A PPO step allocates and frees hundreds of such tensors (activations,
 logits, gradients, prepacked weights), so each of them page-faults on first touch, on every
 step. Keeping freed memory in the process heap lets the next tensor reuse pages that are
-already mapped. On SmolLM2 full fine-tuning with two threads, turning this off took the
-step from 5.19 to 6.52 s (update 2.00 -> 2.81 s; benchmarks/RESULTS.md); it costs about
-0.1 GiB of peak resident memory.
+already mapped, for a little more peak resident memory (benchmarks/RESULTS.md has the
+measurements).
 """
 
 from __future__ import annotations

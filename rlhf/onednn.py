@@ -1,17 +1,15 @@
 """Linear layers through oneDNN on the CPU: the matmuls that are nearly all of the work.
 
-torch runs fp32 matmuls on the CPU with MKL; on the 2-core AMD EPYC this was written on,
-an SmolLM2 layer's forward, input-gradient and weight-gradient matmuls ran at 90-95
-GFLOP/s per core with MKL and at 170-210 with oneDNN. (bf16 under autocast already goes
+torch runs fp32 matmuls on the CPU with MKL, which takes a slow path on AMD processors;
+oneDNN runs the same products near the machine's peak. (bf16 under autocast already goes
 to oneDNN.)
 
 - `use_onednn(model)`: every fp32 nn.Linear does its forward and both backward matmuls
   with oneDNN. Same maths; the fp32 sums are rounded in another order (~1e-6 relative).
   A gated MLP (Llama's `down(act(gate(x)) * up(x))`) then keeps only `gate(x)` and `up(x)`
   for its backward pass and recomputes `act(gate) * up` there: two of the four
-  intermediate-width tensors autograd would keep per layer (0.4 GB of tensors in a SmolLM2
-  policy and critic's fp32 step; 0.2-0.3 GB less peak resident memory measured), for two
-  element-wise operations. The gradients are the same numbers.
+  intermediate-width tensors autograd would keep per layer, for two element-wise
+  operations. The gradients are the same numbers.
   (Off under activation checkpointing, which keeps none of them anyway.)
 - `packed_for_decoding(model, batch, dtype)`: while decoding, each weight is prepacked
   once into oneDNN's blocked layout for the small (batch x hidden) matmuls of a step,
@@ -133,7 +131,7 @@ def use_onednn(model: nn.Module, lean_mlp: bool = True) -> nn.Module:
     `lean_mlp` let its gated MLPs keep two intermediate tensors instead of four for the
     backward pass (CPU only; other dtypes, devices and autocast regions keep torch's own
     path). Under activation checkpointing those tensors are not kept anyway, and the lean
-    MLP measured 0.1-0.17 GB more peak memory with selective checkpointing: pass False."""
+    MLP then only adds memory: pass False."""
     if available():
         for module in model.modules():
             if isinstance(module, nn.Linear):
