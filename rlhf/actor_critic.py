@@ -30,8 +30,9 @@ class ActorCritic:
     def __init__(self, policy: nn.Module, critic: nn.Module | None, value_head: nn.Module | None,
                  ref: nn.Module | None, engine, backend, temperature: float, *, checkpointing: bool = False,
                  entropy_grad: bool = True, keep_rollout_forward: bool = False):
-        """`critic` or `value_head` (on the policy's last hidden states) is the critic;
-        `ref` None means a LoRA policy whose adapter-disabled base is the reference."""
+        """`critic` or `value_head` (on the policy's last hidden states) is the critic, or
+        neither for critic-free estimators (values are then 0); `ref` None means a LoRA
+        policy whose adapter-disabled base is the reference."""
         self.policy, self.critic, self.value_head, self.ref = policy, critic, value_head, ref
         self.engine, self.backend, self.temperature = engine, backend, temperature
         self.checkpointing, self.entropy_grad = checkpointing, entropy_grad
@@ -39,9 +40,14 @@ class ActorCritic:
         self._kept: tuple[Rollout, ForwardOut] | None = None
 
     @property
+    def has_critic(self) -> bool:
+        return self.critic is not None or self.value_head is not None
+
+    @property
     def trained(self) -> dict[str, nn.Module]:
         """The modules with their own optimiser, by name."""
-        return {"policy": self.policy, "critic": self.value_head if self.value_head is not None else self.critic}
+        critic = self.value_head if self.value_head is not None else self.critic
+        return {"policy": self.policy, **({"critic": critic} if critic is not None else {})}
 
     def unwrapped_policy(self) -> nn.Module:
         return self.engine.unwrap(self.policy)
@@ -77,6 +83,8 @@ class ActorCritic:
     def _values(self, rollout: Rollout, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.value_head is not None:
             return self.value_head(hidden.float()).squeeze(-1)
+        if self.critic is None:
+            return torch.zeros_like(rollout.response_mask)
         return critic_forward(self.critic, rollout, self.backend.precision)
 
     # The update's forward ------------------------------------------------------------
@@ -127,10 +135,14 @@ def load_policy_and_reference(cfg, policy_path, backend):
 
 def load_critic_or_head(cfg, policy, policy_path, tokenizer, reward):
     """(critic, value_head): a value head on the policy's trunk, or a separate critic
-    started from the reward model, the policy or a directory (same tokenizer required)."""
+    started from the reward model, the policy or a directory (same tokenizer required);
+    (None, None) when the advantage estimator reads no values."""
+    from rlhf import algos
     from rlhf.errors import UserInputError
     from rlhf.models import enable_activation_checkpointing, init_value_head, load_critic, load_tokenizer, resolve_model
 
+    if not algos.advantage_estimator(cfg.ppo.advantage).needs_critic:
+        return None, None
     if cfg.model.value_head:
         head = nn.Linear(policy.config.hidden_size, 1)
         init_value_head(head)

@@ -479,12 +479,23 @@ def _registered(registry: dict[str, Callable], kind: str, name: str) -> Callable
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 
 
-def register_advantage_estimator(name: str) -> Callable:
-    """Register `fn(rewards, values, mask, *, scores, gamma, lam, **_) -> (advantages,
+def register_advantage_estimator(name: str, *, needs_critic: bool = True, groups: bool = False,
+                                 whiten: bool | None = None) -> Callable:
+    """Register `fn(rewards, values, mask, *, groups, gamma, lam, **_) -> (advantages,
     returns)` under `name` (the config's `ppo.advantage`). rewards, values, mask: (B, T)
-    per-token tensors (values: the critic's); scores: (B,) sequence scores. Take what you
-    need by keyword and ignore the rest with **_. `returns` are the critic's targets."""
-    return _registrar(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+    per-token tensors (values: the critic's, zeros without one); groups: (B,) the index of
+    each sequence's prompt (`rollout.samples_per_prompt` samples share one). Take what you
+    need by keyword and ignore the rest with **_. `returns` are the critic's targets.
+
+    needs_critic: a critic is built and trained only for estimators that read values.
+    groups: the estimator compares samples of one prompt (it refuses groups of one).
+    whiten: whether the advantages are then whitened over the global batch: None leaves it to
+    `ppo.whiten_advantages`; True or False is part of the algorithm."""
+    def add(fn: Callable) -> Callable:
+        fn.needs_critic, fn.needs_groups, fn.whiten = needs_critic, groups, whiten
+        return _registrar(ADVANTAGE_ESTIMATORS, "advantage estimator", name)(fn)
+
+    return add
 
 
 def advantage_estimator(name: str) -> Callable:
@@ -497,6 +508,99 @@ def gae_estimator(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
                   **_) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over the per-token rewards and the critic's values (`compute_gae`)."""
     return compute_gae(rewards, values, mask, gamma, lam)
+
+
+def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) each response's return: the sum of its per-token rewards (the score, plus the KL
+    penalty when it is folded into the rewards)."""
+    mask = _check_tensors(mask, rewards=rewards)
+    return _zero_padding(rewards, mask).sum(-1)
+
+
+def group_baseline_advantages(returns: torch.Tensor, groups: torch.Tensor, *, scale: bool = True,
+                              leave_one_out: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) advantages of sequence returns R against the other samples of the same prompt:
+
+        GRPO          A_i = (R_i - mean_g R) / (std_g R + eps)       std unbiased, within group g
+        Dr. GRPO      A_i = R_i - mean_g R                            (scale=False)
+        RLOO          A_i = R_i - mean_{j in g, j != i} R_j           (leave_one_out=True)
+                          = G / (G - 1) * (R_i - mean_g R)
+
+    `groups` (B,) holds each sequence's group index; every group needs two samples at least.
+    A group whose returns are all equal gets advantage 0 (no signal, no division by 0).
+    """
+    _check_tensors(returns=returns)
+    if groups.shape != returns.shape:
+        raise ValueError(f"groups: expected shape {tuple(returns.shape)}, got {tuple(groups.shape)}")
+    ids, index, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    if (counts < 2).any():
+        raise ValueError("groups: every group needs at least 2 samples (rollout.samples_per_prompt >= 2)")
+    n = counts.to(returns.dtype)[index]
+    total = torch.zeros(len(ids), dtype=returns.dtype, device=returns.device).index_add_(0, index, returns)
+    mean = total[index] / n
+    centred = returns - mean
+    if leave_one_out:
+        return centred * n / (n - 1)
+    if not scale:
+        return centred
+    sq = torch.zeros_like(total).index_add_(0, index, centred**2)
+    std = torch.sqrt(sq[index] / (n - 1))
+    return centred / (std + eps)
+
+
+def _per_token(advantages: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence advantage on every real token; it is also the return-like target."""
+    per_token = _zero_padding(advantages[:, None].expand(mask.shape), mask != 0)
+    return per_token, per_token
+
+
+@register_advantage_estimator("grpo", needs_critic=False, groups=True, whiten=False)
+def grpo_estimator(rewards, values, mask, *, groups, **_):
+    """GRPO (Shao et al. 2024): the return standardised within its prompt's group."""
+    return _per_token(group_baseline_advantages(sequence_returns(rewards, mask), groups), mask)
+
+
+@register_advantage_estimator("dr_grpo", needs_critic=False, groups=True, whiten=False)
+def dr_grpo_estimator(rewards, values, mask, *, groups, **_):
+    """Dr. GRPO (Liu et al. 2025): the group mean subtracted, no division by the group's std."""
+    return _per_token(group_baseline_advantages(sequence_returns(rewards, mask), groups, scale=False), mask)
+
+
+@register_advantage_estimator("rloo", needs_critic=False, groups=True, whiten=False)
+def rloo_estimator(rewards, values, mask, *, groups, **_):
+    """RLOO (Ahmadian et al. 2024): the mean return of the group's other samples as baseline."""
+    return _per_token(group_baseline_advantages(sequence_returns(rewards, mask), groups, leave_one_out=True), mask)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """(B, T) G_t = sum over real tokens k >= t of gamma^(k - t) r_k; 0 on padding."""
+    mask = _check_tensors(mask, rewards=rewards)
+    gamma = _check_number("gamma", gamma, 0.0, 1.0)
+    rewards = _zero_padding(rewards, mask)
+    out, running = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
+        out[:, t] = torch.where(mask[:, t], running, 0.0)
+    return out
+
+
+@register_advantage_estimator("reinforce_pp", needs_critic=False, whiten=True)
+def reinforce_pp_estimator(rewards, values, mask, *, gamma, **_):
+    """REINFORCE++ (Hu 2025): per-token returns to go of the KL-shaped rewards, whitened over
+    the global batch (the whitening is the algorithm's, whatever ppo.whiten_advantages says)."""
+    returns = returns_to_go(rewards, mask, gamma)
+    return returns, returns
+
+
+@register_advantage_estimator("reinforce_pp_baseline", needs_critic=False, groups=True, whiten=True)
+def reinforce_pp_baseline_estimator(rewards, values, mask, *, groups, gamma, **_):
+    """REINFORCE++ with a group baseline: the group's mean return subtracted from every
+    token's return to go, then whitened over the global batch."""
+    returns = returns_to_go(rewards, mask, gamma)
+    baseline = sequence_returns(rewards, mask) - group_baseline_advantages(
+        sequence_returns(rewards, mask), groups, scale=False)
+    advantages = _zero_padding(returns - baseline[:, None], mask != 0)
+    return advantages, returns
 
 
 # --------------------------------------------------------------------------------------

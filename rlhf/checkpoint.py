@@ -81,8 +81,8 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int) -> Path:
 
 
 def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
-    """final/policy and final/critic (or final/value_head.safetensors), loadable by plain
-    transformers. Plain transformers has no adapter to load: a LoRA policy is saved merged,
+    """final/policy and final/critic (or final/value_head.safetensors, or no critic for a
+    critic-free estimator), loadable by plain transformers. Plain transformers has no adapter to load: a LoRA policy is saved merged,
     with final/adapter beside it."""
     import copy
 
@@ -98,7 +98,7 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
     atomic_save_pretrained([policy, tokenizer], final / "policy")
     if models.critic is not None:
         atomic_save_pretrained([engine.unwrap(models.critic), tokenizer], final / "critic")
-    else:
+    elif models.value_head is not None:
         from safetensors.torch import save_file
 
         save_file(engine.unwrap(models.value_head).state_dict(), str(final / "value_head.safetensors"))

@@ -117,7 +117,10 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     batch_size: int = 8
-    """Prompts per PPO step (the rollout batch)."""
+    """Prompts per step (the rollout batch has batch_size x samples_per_prompt sequences)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (the group size of GRPO, RLOO and other group
+    estimators, which need 2 or more)."""
     max_new_tokens: int = 32
     """Most tokens generated per response."""
     temperature: float = 0.7
@@ -279,6 +282,7 @@ class Config:
         positive = {
             "rollout.batch_size": cfg.rollout.batch_size,
             "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+            "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
             "ppo.epochs": cfg.ppo.epochs,
             "train.steps": cfg.train.steps,
             "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
@@ -295,10 +299,12 @@ class Config:
                 raise ConfigError(f"ppo.{name}: expected >= 0, got {getattr(cfg.ppo, name)}")
         if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
             raise ConfigError("ppo.gamma and ppo.lam: expected values in [0, 1]")
-        mb = cfg.ppo.minibatch_size or cfg.rollout.batch_size
+        sequences = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+        mb = cfg.ppo.minibatch_size or sequences
         micro = cfg.ppo.micro_batch_size or mb
-        if cfg.rollout.batch_size % mb:
-            raise ConfigError(f"ppo.minibatch_size: {mb} must divide rollout.batch_size {cfg.rollout.batch_size}")
+        if sequences % mb:
+            raise ConfigError(f"ppo.minibatch_size: {mb} must divide the rollout's {sequences} sequences "
+                              "(rollout.batch_size x rollout.samples_per_prompt)")
         if mb % micro:
             raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
         if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
@@ -308,6 +314,9 @@ class Config:
             if getattr(cfg.ppo, field_name) not in registry:
                 raise ConfigError(f"ppo.{field_name}: expected one of {', '.join(map(repr, registry))}, "
                                   f"got {getattr(cfg.ppo, field_name)!r}")
+        if algos.ADVANTAGE_ESTIMATORS[cfg.ppo.advantage].needs_groups and cfg.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"rollout.samples_per_prompt: ppo.advantage={cfg.ppo.advantage} compares samples of one "
+                              f"prompt and needs at least 2, got {cfg.rollout.samples_per_prompt}")
         if complete and (cfg.reward.model is None) == (cfg.reward.function is None):
             raise ConfigError("reward: set exactly one of reward.model (a directory) or reward.function (module:function)")
         if complete and not cfg.data.prompts:

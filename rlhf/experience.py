@@ -87,6 +87,9 @@ class Experience:
     """(B, R) the critic's regression targets."""
     kl_coef: float
     """The KL coefficient this batch was scored with."""
+    groups: torch.Tensor | None = None
+    """(B,) the index of each sequence's prompt in the step: the samples of one prompt
+    (`rollout.samples_per_prompt`) share it."""
 
     @property
     def mask(self) -> torch.Tensor:

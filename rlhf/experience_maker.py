@@ -22,8 +22,12 @@ class ExperienceMaker:
         self.ppo, self.reward_cfg = ppo, reward_cfg
         self.estimator = algos.advantage_estimator(ppo.advantage)
 
-    def make(self, rollout: Rollout, prompts: list[str], responses: list[str], kl_coef: float) -> Experience:
+    def make(self, rollout: Rollout, prompts: list[str], responses: list[str], kl_coef: float,
+             groups: torch.Tensor | None = None) -> Experience:
+        """`groups` (B,): each sequence's prompt index (default: one sequence per prompt)."""
         p = self.ppo
+        if groups is None:
+            groups = torch.arange(len(prompts))
         mask = rollout.response_mask
         old_logprobs, values = self.models.rollout_forward(rollout)
         with torch.no_grad():
@@ -39,12 +43,13 @@ class ExperienceMaker:
             if p.whiten_rewards:
                 rewards = self.engine.whiten(rewards, mask, shift_mean=False)
             advantages, returns = self.estimator(rewards=rewards, values=values, mask=mask, scores=scores,
-                                                 gamma=p.gamma, lam=p.lam)
-            if p.whiten_advantages:
+                                                 groups=groups.to(mask.device), gamma=p.gamma, lam=p.lam)
+            whiten = self.estimator.whiten if self.estimator.whiten is not None else p.whiten_advantages
+            if whiten:
                 advantages = self.engine.whiten(advantages, mask)
         return Experience(rollout=rollout, prompts=prompts, responses=responses, raw_scores=raw, scores=scores,
                           old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values, rewards=rewards,
-                          advantages=advantages, returns=returns, kl_coef=kl_coef)
+                          advantages=advantages, returns=returns, kl_coef=kl_coef, groups=groups)
 
     def raw_scores(self, prompts: list[str], responses: list[str], rollout: Rollout | None = None) -> torch.Tensor:
         """Reward before post-processing; the policy's own token ids are used when the

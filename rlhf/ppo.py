@@ -101,10 +101,11 @@ class PPOTrainer:
         for model in (policy, ref, critic, reward.model):
             if model is not None:
                 backend.prepare_model(model, checkpointed=bool(cfg.model.gradient_checkpointing))
-        _, _, micro = Updater.batch_shape(cfg.ppo, cfg.rollout.batch_size)
+        sequences = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+        _, _, micro = Updater.batch_shape(cfg.ppo, sequences)
         models = ActorCritic(policy, critic, value_head, ref, self.engine, backend, cfg.rollout.temperature,
                              checkpointing=bool(cfg.model.gradient_checkpointing), entropy_grad=cfg.ppo.entropy_coef > 0,
-                             keep_rollout_forward=cfg.ppo.reuse_rollout_forward and micro == cfg.rollout.batch_size)
+                             keep_rollout_forward=cfg.ppo.reuse_rollout_forward and micro == sequences)
         self.shuffle_rng = torch.Generator().manual_seed(cfg.train.seed + self.engine.rank)
         updater = Updater(models, self.engine, cfg.ppo, cfg.train.steps, cfg.rollout.max_new_tokens, self.shuffle_rng)
         updater.prepare()
@@ -143,14 +144,15 @@ class PPOTrainer:
         """One iteration; returns the metrics written to metrics.jsonl."""
         cfg, engine, times = self.cfg, self.engine, {}
         start = engine.clock()
-        indices = self.stream.next_batch(cfg.rollout.batch_size)
+        group = cfg.rollout.samples_per_prompt  # samples of one prompt sit next to each other
+        indices = [i for i in self.stream.next_batch(cfg.rollout.batch_size) for _ in range(group)]
         rollout = self.generator.generate([self.prompt_ids[i] for i in indices])
         times["rollout"] = engine.clock() - start
 
         t = engine.clock()
         prompts = [self.prompts[i].text for i in indices]
         experience = self.experience.make(rollout, prompts, decode_responses(self.tokenizer, rollout),
-                                          kl_coef=self.kl_ctl.value)
+                                          kl_coef=self.kl_ctl.value, groups=torch.arange(len(indices)) // group)
         times["score"] = engine.clock() - t
 
         t = engine.clock()
@@ -158,7 +160,7 @@ class PPOTrainer:
         times["update"] = engine.clock() - t
 
         # The KL controller moves on the rollout's KL (sequence sum of k1, mean over the batch).
-        self.kl_ctl.update(engine.mean(experience.sequence_kl).item(), cfg.rollout.batch_size * engine.world)
+        self.kl_ctl.update(engine.mean(experience.sequence_kl).item(), experience.size * engine.world)
         self.updater.schedule_step()
         self.generator.update_weights(self.models.unwrapped_policy())
         self.step += 1

@@ -22,6 +22,8 @@ def step_metrics(exp: Experience, result: UpdateResult, engine, step: int, lr: f
     lengths = mask.sum(-1)
     gap = (rollout.gen_logprobs - exp.old_logprobs).abs() * mask if rollout.gen_logprobs is not None else None
     responses = engine.gather_objects(exp.responses)  # text statistics over every process's responses
+    critic = {"value/explained_variance": algos.explained_variance(
+        *(engine.gather_tokens(t) for t in (exp.values, exp.returns, mask)))} if "value/loss" in result.stats else {}
     return {
         "step": step,
         "reward/score_mean": all_scores.mean().item(),
@@ -31,8 +33,7 @@ def step_metrics(exp: Experience, result: UpdateResult, engine, step: int, lr: f
         "kl/ref_mean": engine.mean(exp.sequence_kl).item(),
         "kl/coef": exp.kl_coef,
         **{k: engine.reduce_mean(v) for k, v in result.stats.items()},
-        "value/explained_variance": algos.explained_variance(
-            *(engine.gather_tokens(t) for t in (exp.values, exp.returns, mask))),
+        **critic,
         "policy/logprob_gap": (engine.sum(gap) / engine.sum(mask)).item() if gap is not None else 0.0,
         "response/length_mean": engine.mean(lengths).item(),
         "response/eos_frac": engine.mean(rollout.has_eos.float()).item(),

@@ -36,25 +36,26 @@ class Updater:
         self.loss_fn = algos.policy_loss(ppo.algo)
         critic_lr = ppo.critic_lr if ppo.critic_lr is not None else 2 * ppo.lr
         fused = {"fused": True} if ppo.fused_adamw else {}
-        trained = models.trained
+        lrs = {"policy": ppo.lr, "critic": critic_lr}
         self.optimizers = {
-            name: torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=lr, eps=ppo.adam_eps,
-                                    weight_decay=ppo.weight_decay, **fused)
-            for (name, module), lr in zip(trained.items(), (ppo.lr, critic_lr))}
+            name: torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=lrs[name],
+                                    eps=ppo.adam_eps, weight_decay=ppo.weight_decay, **fused)
+            for name, module in models.trained.items()}
         self.schedulers = {name: lr_schedule(opt, ppo.warmup_steps, total_steps, ppo.lr_schedule)
                            for name, opt in self.optimizers.items()}
 
     def prepare(self) -> None:
         """Wrap models, optimisers and schedules for this engine (after the models exist)."""
         trained, names = self.models.trained, list(self.optimizers)
+        n = len(names)
         prepared = self.engine.prepare(*trained.values(), *self.optimizers.values(), *self.schedulers.values())
-        modules = dict(zip(trained, prepared[:2]))
-        self.optimizers = dict(zip(names, prepared[2:4]))
-        self.schedulers = dict(zip(names, prepared[4:6]))
+        modules = dict(zip(names, prepared[:n]))
+        self.optimizers = dict(zip(names, prepared[n:2 * n]))
+        self.schedulers = dict(zip(names, prepared[2 * n:3 * n]))
         self.models.policy = modules["policy"]
         if self.models.value_head is not None:
             self.models.value_head = modules["critic"]
-        else:
+        elif self.models.critic is not None:
             self.models.critic = modules["critic"]
 
     @property
@@ -114,17 +115,18 @@ class Updater:
 
         pg_tokens, pg_stats = self.loss_fn(out.logprobs, sub.old_logprobs, sub.advantages, m, clip_eps=p.clip_eps,
                                            clip_eps_high=p.clip_eps_high)
-        v_tokens, v_stats = algos.value_token_loss(out.values, sub.values, sub.returns, m, p.value_clip)
         loss = agg(pg_tokens) - p.entropy_coef * agg(out.entropy)
         if not p.kl_in_reward and sub.kl_coef > 0:
             loss = loss + sub.kl_coef * agg(algos.kl_penalty(out.logprobs, sub.ref_logprobs, p.kl_estimator))
-        value_loss = agg(v_tokens)
+        check_finite(loss.detach(), "policy loss")
+        row = {"policy/loss": algos.masked_mean(pg_tokens, m).item(),
+               "policy/entropy": algos.masked_mean(out.entropy, m).item(), **{f"policy/{k}": v for k, v in pg_stats.items()}}
+        if not self.models.has_critic:
+            return loss, None, row
+        v_tokens, v_stats = algos.value_token_loss(out.values, sub.values, sub.returns, m, p.value_clip)
+        value_loss, v_mean = agg(v_tokens), algos.masked_mean(v_tokens, m)
         if self.models.value_head is not None:  # one trunk: one loss
             loss, value_loss = loss + p.vf_coef * value_loss, None
-        pg_mean, v_mean = algos.masked_mean(pg_tokens, m), algos.masked_mean(v_tokens, m)
-        check_finite(loss.detach(), "policy loss")
         check_finite(v_mean.detach(), "value loss")
-        row = {"policy/loss": pg_mean.item(), "policy/entropy": algos.masked_mean(out.entropy, m).item(),
-               "value/loss": v_mean.item(), **{f"policy/{k}": v for k, v in pg_stats.items()},
-               **{f"value/{k}": v for k, v in v_stats.items()}}
+        row.update({"value/loss": v_mean.item(), **{f"value/{k}": v for k, v in v_stats.items()}})
         return loss, value_loss, row
