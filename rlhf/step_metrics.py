@@ -24,12 +24,17 @@ def step_metrics(exp: Experience, result: UpdateResult, engine, step: int, lr: f
     responses = engine.gather_objects(exp.responses)  # text statistics over every process's responses
     critic = {"value/explained_variance": algos.explained_variance(
         *(engine.gather_tokens(t) for t in (exp.values, exp.returns, mask)))} if "value/loss" in result.stats else {}
+    grouped = exp.groups is not None and exp.groups.unique().numel() < exp.size
+    # Groups whose scores are all equal give every sample advantage 0 under a group baseline.
+    groups = {"reward/zero_std_group_frac": engine.mean(algos.constant_groups(exp.scores, exp.groups).float()).item()
+              } if grouped else {}
     return {
         "step": step,
         "reward/score_mean": all_scores.mean().item(),
         "reward/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
         "reward/raw_mean": engine.mean(exp.raw_scores).item(),
         "reward/total_mean": engine.mean((exp.rewards * mask).sum(-1)).item(),
+        **groups,
         "kl/ref_mean": engine.mean(exp.sequence_kl).item(),
         "kl/coef": exp.kl_coef,
         **{k: engine.reduce_mean(v) for k, v in result.stats.items()},
