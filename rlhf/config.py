@@ -164,8 +164,9 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
 @dataclass
 class PPOConfig:
     algo: str = "ppo"
-    """A preset of the four parts below; each part left null takes the preset's value, one
-    that is set overrides it (the resolved values are saved in config.yaml):
+    """A preset of the parts `advantage`, `policy_loss`, `loss_agg`, `kl_in_reward` and
+    `kl_estimator`; each part left null takes the preset's value, one that is set overrides it
+    (the resolved values are saved in config.yaml):
 
         preset                 advantage              policy_loss  loss_agg                  KL
         ppo                    gae                    ppo          token-mean                k1 in the reward

@@ -422,3 +422,35 @@ def test_bench_times_a_critic_free_preset(workdir, tiny_policy_dir, capsys):
     assert (setup["algo"], setup["advantage"], setup["critic"], setup["samples_per_prompt"]) == ("grpo", "grpo", False, 2)
     assert result["median_step_s"] > 0 and set(result["phases"]) == {"generation", "score", "update"}
     assert "ppo.algo=grpo (advantage grpo, critic: none), batch 2 prompts x 2 samples" in format_result(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "reinforce_pp"])
+def test_two_processes_make_the_update_of_one_process(tmp_path, tiny_policy_dir, algo):
+    """Two CPU processes under `accelerate launch`, each with half the prompts and their whole
+    groups, make the update of one process on all of them: GRPO's per-sequence aggregation
+    over the global batch, REINFORCE++'s whitening with the statistics of every process."""
+    import sys
+
+    from safetensors.torch import load_file
+    from test_distributed import WORKER, _config as dist_config, _launch, _run, _write_inputs
+
+    _write_inputs(tmp_path)
+    paths = {}
+    for name, batch in (("one", 4), ("two", 2)):
+        path = dist_config(tmp_path, tiny_policy_dir, batch, name)
+        data = yaml.safe_load(path.read_text())
+        data["ppo"]["algo"], data["rollout"]["samples_per_prompt"] = algo, 2
+        path.write_text(yaml.safe_dump(data))
+        paths[name] = path
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run([sys.executable, str(WORKER), str(paths["one"]), str(one)], tmp_path)
+    _launch(tmp_path, str(WORKER), str(paths["two"]), str(two))
+    one, two = torch.load(one), torch.load(two)
+    assert (one["world"], two["world"], one["critic"], two["critic"]) == (1, 2, {}, {})
+    initial = load_file(str(tiny_policy_dir / "model.safetensors"))
+    assert max((one["policy"][k] - initial[k]).abs().max().item() for k in initial) > 1e-4
+    for name, weight in one["policy"].items():
+        torch.testing.assert_close(two["policy"][name], weight, rtol=0, atol=2e-6, msg=name)
+    for key in ("reward/score_mean", "reward/zero_std_group_frac", "kl/ref_mean", "response/length_mean"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-6), key
