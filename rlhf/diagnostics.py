@@ -187,7 +187,28 @@ def _rounded(x: Optional[float]) -> Optional[float]:
 
 class _CriticFreeChecks:
     """The checks of the critic-free algorithms (GRPO, RLOO, REINFORCE++) and of the clip's
-    two sides; a part of `HealthMonitor`, whose windows they read."""
+    two sides, and the entropy and length signals they share with `collapse`; a part of
+    `HealthMonitor`, whose windows they read."""
+
+    def _entropy_fall(self, evidence: dict) -> Optional[str]:
+        entropy, c = self._trend(ENTROPY), self.cfg
+        if entropy and entropy[0] > 0 and entropy[1] < c.collapse_entropy_frac * entropy[0]:
+            evidence.update(entropy_start=_rounded(entropy[0]), entropy_now=_rounded(entropy[1]))
+            return f"entropy fell from {entropy[0]:.3g} to {entropy[1]:.3g}"
+        return None
+
+    def _length_change(self, evidence: dict) -> Optional[tuple[str, str]]:
+        """("up" or "down", the signal) when the mean length drifted to the limit or shrank."""
+        c, length, max_new = self.cfg, self._trend(LENGTH), self.max_new_tokens
+        if length and max_new and length[1] >= c.collapse_length_limit_frac * max_new \
+                and length[1] - length[0] >= c.collapse_length_drift * max_new:
+            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]), max_new_tokens=max_new)
+            return "up", (f"mean length drifted from {length[0]:.1f} to {length[1]:.1f} tokens, "
+                          f"at the limit rollout.max_new_tokens={max_new}")
+        if length and length[0] > 0 and length[1] < c.collapse_length_drop_frac * length[0]:
+            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]))
+            return "down", f"mean length shrank from {length[0]:.1f} to {length[1]:.1f} tokens"
+        return None
 
     def _zero_variance_groups(self):
         c = self.cfg
@@ -419,26 +440,6 @@ class HealthMonitor(_CriticFreeChecks):
                 if self.kl_target else "Raise ppo.kl_coef or set ppo.kl_target")
         return "; ".join(reasons) + f": the policy is likely exploiting the reward model. {knob}, and read the samples", \
             evidence
-
-    def _entropy_fall(self, evidence: dict) -> Optional[str]:
-        entropy, c = self._trend(ENTROPY), self.cfg
-        if entropy and entropy[0] > 0 and entropy[1] < c.collapse_entropy_frac * entropy[0]:
-            evidence.update(entropy_start=_rounded(entropy[0]), entropy_now=_rounded(entropy[1]))
-            return f"entropy fell from {entropy[0]:.3g} to {entropy[1]:.3g}"
-        return None
-
-    def _length_change(self, evidence: dict) -> Optional[tuple[str, str]]:
-        """("up" or "down", the signal) when the mean length drifted to the limit or shrank."""
-        c, length, max_new = self.cfg, self._trend(LENGTH), self.max_new_tokens
-        if length and max_new and length[1] >= c.collapse_length_limit_frac * max_new \
-                and length[1] - length[0] >= c.collapse_length_drift * max_new:
-            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]), max_new_tokens=max_new)
-            return "up", (f"mean length drifted from {length[0]:.1f} to {length[1]:.1f} tokens, "
-                          f"at the limit rollout.max_new_tokens={max_new}")
-        if length and length[0] > 0 and length[1] < c.collapse_length_drop_frac * length[0]:
-            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]))
-            return "down", f"mean length shrank from {length[0]:.1f} to {length[1]:.1f} tokens"
-        return None
 
     def _collapse(self):
         c, signals, evidence = self.cfg, [], {}

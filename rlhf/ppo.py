@@ -84,6 +84,10 @@ class PPOTrainer:
         warn_off_policy(cfg.rollout)
         if p.policy_loss == "a2c" and p.epochs != 1:
             log.warning("ppo.policy_loss=a2c is one pass over each rollout batch: ppo.epochs=%d is ignored", p.epochs)
+        if p.policy_loss == "gspo" and p.clip_eps >= 0.01:
+            log.warning("ppo.policy_loss=gspo clips each sequence's ratio, which stays far closer to 1 than a token's: "
+                        "ppo.clip_eps=%g clips almost nothing (its paper uses 3e-4 and ppo.clip_eps_high=4e-4)",
+                        p.clip_eps)
 
     def _build_models(self):
         """Tokenizer, reward, actor-critic and updater, in the order that keeps the random
@@ -171,7 +175,7 @@ class PPOTrainer:
         metrics.update(self._eval_metrics())
         if engine.is_main and cfg.train.log_samples_every and self.step % cfg.train.log_samples_every == 0:
             write_samples(self.out_dir, self.step, experience, result, self.tokenizer, cfg.train.num_samples,
-                          cfg.ppo.clip_eps, cfg.ppo.clip_eps_high)
+                          cfg.ppo.clip_eps, cfg.ppo.clip_eps_high, sequence_ratio=cfg.ppo.policy_loss == "gspo")
         return metrics
 
     def _eval_metrics(self) -> dict:

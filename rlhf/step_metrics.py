@@ -54,12 +54,16 @@ def step_metrics(exp: Experience, result: UpdateResult, engine, step: int, lr: f
 
 
 def write_samples(out_dir: Path, step: int, exp: Experience, result: UpdateResult, tokenizer, n: int,
-                  clip_eps: float, clip_eps_high: float | None) -> None:
+                  clip_eps: float, clip_eps_high: float | None, sequence_ratio: bool = False) -> None:
     """`n` responses to samples.jsonl, and the per-token view of two of them to tokens.jsonl
-    (the report's token inspector)."""
+    (the report's token inspector). `sequence_ratio`: the loss clips each sequence's ratio
+    (GSPO), shown on each of its tokens."""
     n = min(n, exp.size)
     seq_kl = exp.sequence_kl
-    ratio = torch.exp(result.logprobs - exp.old_logprobs)
+    if sequence_ratio:
+        ratio = algos.sequence_ratio(result.logprobs, exp.old_logprobs, exp.mask)[:, None] * exp.mask
+    else:
+        ratio = torch.exp(result.logprobs - exp.old_logprobs)
     clip = algos.ppo_clip_side(ratio, exp.advantages, clip_eps, clip_eps_high)
     with open(out_dir / "samples.jsonl", "a") as f:
         for i in range(n):

@@ -389,6 +389,9 @@ def test_each_preset_learns_without_a_critic(workdir, tiny_policy_dir, algo, cha
     assert sorted(p.name for p in (workdir / "run" / "final").iterdir()) == ["policy"]
     saved = yaml.safe_load((workdir / "run" / "config.yaml").read_text())["ppo"]
     assert saved["advantage"] == algo and saved["policy_loss"] == changes.get("policy_loss", "ppo")
+    if changes.get("policy_loss") == "gspo":  # the token inspector shows the ratio GSPO clips: one per sequence
+        rows = [json.loads(line) for line in (workdir / "run" / "tokens.jsonl").read_text().splitlines()]
+        assert all(len(set(r["ratio"])) == 1 for r in rows) and any(r["ratio"][0] != 1.0 for r in rows)
 
 
 def test_a_critic_free_run_resumes_exactly(workdir, tiny_policy_dir):
