@@ -1,7 +1,9 @@
 """The mathematics of RLHF as pure functions over tensors.
 
-No models, no I/O, no config objects: log-probs, masked statistics, KL estimators, GAE and
-the losses of PPO, A2C, the critic and the Bradley-Terry reward model.
+No models, no I/O, no config objects: log-probs, masked statistics, KL estimators, the
+advantage estimators (GAE, and the critic-free GRPO, Dr. GRPO, RLOO, REINFORCE++), and the
+losses of PPO (with clip-higher and dual clip), GSPO, A2C, the critic and the Bradley-Terry
+reward model.
 
 Conventions used throughout:
 
@@ -651,9 +653,9 @@ POLICY_LOSSES: dict[str, Callable] = {}
 
 def register_policy_loss(name: str) -> Callable:
     """Register `fn(logprobs, old_logprobs, advantages, mask, *, clip_eps, clip_eps_high,
-    dual_clip, **_) -> (per_token_loss, stats)` under `name` (the config's `ppo.policy_loss`). All inputs are
-    (B, T); the per-token loss is 0 on padding and is aggregated by `aggregate_loss`; stats
-    are python floats over this micro-batch's real tokens."""
+    dual_clip, **_) -> (per_token_loss, stats)` under `name` (the config's `ppo.policy_loss`).
+    All inputs are (B, T); the per-token loss is 0 on padding and is aggregated by
+    `aggregate_loss`; stats are python floats over this micro-batch's real tokens."""
     return _registrar(POLICY_LOSSES, "policy loss", name)
 
 
@@ -682,6 +684,7 @@ def clipped_surrogate(
     Where a clipped term is selected the element gets no gradient. No masking: the callers
     zero the padding.
     """
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high) * advantages
     loss = -torch.minimum(ratio * advantages, clipped)
     if dual_clip is not None:
