@@ -1,7 +1,9 @@
 """The mathematics of RLHF as pure functions over tensors.
 
-No models, no I/O, no config objects: log-probs, masked statistics, KL estimators, GAE and
-the losses of PPO, A2C, the critic and the Bradley-Terry reward model.
+No models, no I/O, no config objects: log-probs, masked statistics, KL estimators, the
+advantage estimators (GAE, and the critic-free GRPO, Dr. GRPO, RLOO, REINFORCE++), and the
+losses of PPO (with clip-higher and dual clip), GSPO, A2C, the critic and the Bradley-Terry
+reward model.
 
 Conventions used throughout:
 
@@ -548,6 +550,21 @@ def group_baseline_advantages(returns: torch.Tensor, groups: torch.Tensor, *, sc
     return centred / (std + eps)
 
 
+def constant_groups(scores: torch.Tensor, groups: torch.Tensor, atol: float = 1e-6) -> torch.Tensor:
+    """(G,) bool, one per group in the order of its index: True where the group's scores all
+    lie within `atol` of each other. Under a group baseline every sample of such a group has
+    advantage 0: the group carries no gradient (all right or all wrong, for a checker)."""
+    _check_tensors(scores=scores)
+    if groups.shape != scores.shape:
+        raise ValueError(f"groups: expected shape {tuple(scores.shape)}, got {tuple(groups.shape)}")
+    ids, index = torch.unique(groups, return_inverse=True)
+    high = torch.full((len(ids),), -math.inf, dtype=scores.dtype, device=scores.device)
+    low = torch.full_like(high, math.inf)
+    high = high.scatter_reduce(0, index, scores, "amax")
+    low = low.scatter_reduce(0, index, scores, "amin")
+    return high - low <= atol
+
+
 def _per_token(advantages: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A sequence advantage on every real token; it is also the return-like target."""
     per_token = _zero_padding(advantages[:, None].expand(mask.shape), mask != 0)
@@ -636,15 +653,74 @@ POLICY_LOSSES: dict[str, Callable] = {}
 
 def register_policy_loss(name: str) -> Callable:
     """Register `fn(logprobs, old_logprobs, advantages, mask, *, clip_eps, clip_eps_high,
-    **_) -> (per_token_loss, stats)` under `name` (the config's `ppo.algo`). All inputs are
-    (B, T); the per-token loss is 0 on padding and is aggregated by `aggregate_loss`; stats
-    are python floats over this micro-batch's real tokens."""
+    dual_clip, **_) -> (per_token_loss, stats)` under `name` (the config's `ppo.policy_loss`).
+    All inputs are (B, T); the per-token loss is 0 on padding and is aggregated by
+    `aggregate_loss`; stats are python floats over this micro-batch's real tokens."""
     return _registrar(POLICY_LOSSES, "policy loss", name)
 
 
 def policy_loss(name: str) -> Callable:
     """The registered policy loss `name`; the error lists the registered ones."""
     return _registered(POLICY_LOSSES, "policy loss", name)
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+) -> torch.Tensor:
+    """PPO's clipped surrogate as a loss, elementwise (Schulman et al. 2017):
+
+        loss = -min(rho * A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) * A)
+
+    and with `dual_clip` c > 1 (Ye et al. 2020), for A < 0 only:
+
+        loss = min(loss, -c * A)
+
+    i.e. a token whose advantage is negative loses at most c * |A| however far its ratio has
+    run up (an unbounded rho * A from a stale or off-policy token would swamp the batch).
+    Where a clipped term is selected the element gets no gradient. No masking: the callers
+    zero the padding.
+    """
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high) * advantages
+    loss = -torch.minimum(ratio * advantages, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -dual_clip * advantages), loss)
+    return loss
+
+
+def _check_clips(clip_eps, clip_eps_high, dual_clip) -> tuple[float, float, float | None]:
+    clip_eps = _check_number("clip_eps", clip_eps, 0.0, 1.0)
+    clip_eps_high = clip_eps if clip_eps_high is None else _check_number("clip_eps_high", clip_eps_high, 0.0)
+    if dual_clip is not None:
+        dual_clip = _check_number("dual_clip", dual_clip, 1.0, low_open=True)
+    return clip_eps, clip_eps_high, dual_clip
+
+
+def _surrogate_and_stats(ratio, log_ratio, advantages, mask, clip_eps, clip_eps_high, dual_clip):
+    """The clipped surrogate per token (0 on padding) and its stats over real tokens."""
+    per_token = _zero_padding(clipped_surrogate(ratio, advantages, clip_eps, clip_eps_high, dual_clip), mask)
+    with torch.no_grad():
+        side = ppo_clip_side(ratio, advantages, clip_eps, clip_eps_high)
+        high, low = side > 0, side < 0
+        no_gradient, dual_stats = high | low, {}
+        if dual_clip is not None:
+            clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
+            dual = (advantages < 0) & (torch.maximum(ratio, clipped) > dual_clip)
+            no_gradient, dual_stats = no_gradient | dual, {"clipfrac_dual": _masked_mean(dual.float(), mask)}
+        stats = _to_floats(
+            clipfrac=_masked_mean(no_gradient.float(), mask),
+            clipfrac_high=_masked_mean(high.float(), mask),
+            clipfrac_low=_masked_mean(low.float(), mask),
+            **dual_stats,
+            approx_kl=_masked_mean((torch.exp(log_ratio) - 1.0) - log_ratio, mask),
+            ratio_mean=_masked_mean(ratio, mask),
+            ratio_max=torch.where(mask, ratio, -math.inf).max(),
+        )
+    return per_token, stats
 
 
 @register_policy_loss("ppo")
@@ -656,45 +732,33 @@ def ppo_token_loss(
     *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
     **_,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate per token (Schulman et al. 2017):
+    """PPO's clipped surrogate per token (`clipped_surrogate`) on the token ratio
 
-        rho_t  = exp(log pi(y_t) - log pi_old(y_t))
-        loss_t = -min(rho_t * A_t, clip(rho_t, 1 - clip_eps, 1 + clip_eps_high) * A_t)
+        rho_t = exp(log pi(y_t) - log pi_old(y_t))
 
-    `old_logprobs` are the rollout policy's (not the frozen reference model's). Where the
-    clipped term is selected the token contributes no gradient. clip_eps_high defaults to
-    clip_eps (a larger one is DAPO's "clip-higher").
+    `old_logprobs` are the rollout policy's (not the frozen reference model's). clip_eps_high
+    defaults to clip_eps (a larger one is DAPO's "clip-higher"); `dual_clip` bounds the loss
+    of negative-advantage tokens.
 
-    Stats (python floats):
-        clipfrac   share of real tokens where the clipped term is strictly selected
-        approx_kl  mean of (rho - 1) - log rho, the k3 estimate of KL(pi_old || pi)
+    Stats (python floats, shares of real tokens):
+        clipfrac        where a clipped term is strictly selected (the token gets no gradient)
+        clipfrac_high   rho > 1 + clip_eps_high with A > 0 (the gain is capped)
+        clipfrac_low    rho < 1 - clip_eps with A < 0 (the loss is capped)
+        clipfrac_dual   (with dual_clip) A < 0 and rho > dual_clip (the dual bound is selected)
+        approx_kl       mean of (rho - 1) - log rho, the k3 estimate of KL(pi_old || pi)
         ratio_mean, ratio_max   of rho over real tokens
     """
     mask = _check_tensors(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
-    clip_eps = _check_number("clip_eps", clip_eps, 0.0, 1.0)
-    clip_eps_high = clip_eps if clip_eps_high is None else _check_number("clip_eps_high", clip_eps_high, 0.0)
-
+    clip_eps, clip_eps_high, dual_clip = _check_clips(clip_eps, clip_eps_high, dual_clip)
     logprobs = _zero_padding(logprobs, mask)
     old_logprobs = _zero_padding(old_logprobs.detach(), mask)
     advantages = _zero_padding(advantages.detach(), mask)
-
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high) * advantages
-    per_token = _zero_padding(-torch.minimum(unclipped, clipped), mask)
-
-    with torch.no_grad():
-        is_clipped = ppo_clip_side(ratio, advantages, clip_eps, clip_eps_high) != 0
-        stats = _to_floats(
-            clipfrac=_masked_mean(is_clipped.float(), mask),
-            approx_kl=_masked_mean((ratio - 1.0) - log_ratio, mask),
-            ratio_mean=_masked_mean(ratio, mask),
-            ratio_max=torch.where(mask, ratio, -math.inf).max(),
-        )
-    return per_token, stats
+    return _surrogate_and_stats(torch.exp(log_ratio), log_ratio.detach(), advantages, mask, clip_eps, clip_eps_high,
+                                dual_clip)
 
 
 @register_policy_loss("a2c")
@@ -709,6 +773,51 @@ def a2c_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ad
     logprobs = _zero_padding(logprobs, mask)
     advantages = _zero_padding(advantages.detach(), mask)
     return _zero_padding(-(logprobs * advantages), mask), {}
+
+
+def sequence_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) GSPO's importance ratio of each sequence (Zheng et al. 2025): the geometric mean of
+    its token ratios, so that its scale does not grow with the length,
+
+        s_i = exp( (1 / |y_i|) sum_t (log pi(y_it) - log pi_old(y_it)) )
+    """
+    mask = _check_tensors(mask, logprobs=logprobs, old_logprobs=old_logprobs)
+    return torch.exp(_masked_mean(logprobs - old_logprobs, mask, dim=-1))
+
+
+@register_policy_loss("gspo")
+def gspo_token_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 3e-4,
+    clip_eps_high: float | None = 4e-4,
+    dual_clip: float | None = None,
+    **_,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO's clipped surrogate on the sequence ratio `sequence_ratio` (Zheng et al. 2025), in
+    its per-token form (GSPO-token):
+
+        s_it   = sg[s_i] * pi(y_it) / sg[pi(y_it)]          (value s_i, gradient s_i * grad log pi(y_it))
+        loss_t = -min(s_it * A_it, clip(s_it, 1 - clip_eps, 1 + clip_eps_high) * A_it)
+
+    Every token of a sequence has the same ratio, so a sequence is clipped as a whole. With an
+    advantage constant over the sequence (the group estimators) and the seq-mean-token-mean
+    aggregation this is exactly GSPO's sequence objective, value and gradient. The paper's
+    clip range is tiny (3e-4, 4e-4): the sequence ratio stays far closer to 1 than a token's.
+    Stats as `ppo_token_loss`, the ratio being s_i on each token.
+    """
+    mask = _check_tensors(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    clip_eps, clip_eps_high, dual_clip = _check_clips(clip_eps, clip_eps_high, dual_clip)
+    logprobs = _zero_padding(logprobs, mask)
+    old_logprobs = _zero_padding(old_logprobs.detach(), mask)
+    advantages = _zero_padding(advantages.detach(), mask)
+    seq_ratio = torch.exp(_masked_mean(logprobs.detach() - old_logprobs, mask, dim=-1))
+    ratio = seq_ratio[:, None] * torch.exp(logprobs - logprobs.detach())
+    return _surrogate_and_stats(ratio, logprobs.detach() - old_logprobs, advantages, mask, clip_eps, clip_eps_high,
+                                dual_clip)
 
 
 def ppo_policy_loss(

@@ -334,7 +334,7 @@ def _trainable(trainer) -> int:
     return sum(p.numel() for m in trainer.models.trained.values() for p in m.parameters() if p.requires_grad)
 
 
-def _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, device) -> dict:
+def _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, device, trainer_has_critic) -> dict:
     """Medians over the steps after the first, against the machine's floors."""
     kept, kept_floors, kept_shapes = rows[1:], floors[1:], shapes[1:]
     median = lambda key: statistics.median(r[key] for r in kept)  # noqa: E731
@@ -350,7 +350,11 @@ def _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, devi
         "setup": {
             "config": config or "default (SmolLM2-135M-Instruct, TRL comparison)",
             "overrides": list(overrides or []),
+            "algo": cfg.ppo.algo,
+            "advantage": cfg.ppo.advantage,
+            "critic": trainer_has_critic,
             "batch_size": cfg.rollout.batch_size,
+            "samples_per_prompt": cfg.rollout.samples_per_prompt,
             "prompt_tokens_mean": statistics.mean(t for s in kept_shapes for t in s.prompt_lengths),
             "response_tokens_mean": statistics.mean(t for s in kept_shapes for t in s.response_lengths),
             "max_new_tokens": cfg.rollout.max_new_tokens,
@@ -412,7 +416,8 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         floors, mm_floors = ([phase_floors(s, rates, cfg.model.dtype, *_costs(trainer), cfg.ppo.epochs,
                                            _trainable(trainer), torch_mm=mm) for s in shapes] for mm in (False, True))
 
-    result = _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, engine.device)
+    result = _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, engine.device,
+                     trainer.models.has_critic)
     print(json.dumps(result, indent=2) if as_json else format_result(result))
     return result
 
@@ -423,7 +428,9 @@ def format_result(r: dict) -> str:
         f"machine: fp32 matmul {m['fp32_gflops']:.0f} GFLOP/s (torch.matmul {m['fp32_torch_matmul_gflops']:.0f}), "
         f"bf16 {m['bf16_gflops']:.0f} GFLOP/s, memory {m['memory_gbs']:.0f} GB/s, {s['threads']} threads",
         f"setup: {s['config']} {' '.join(s['overrides'])}".rstrip(),
-        f"  batch {s['batch_size']}, prompt {s['prompt_tokens_mean']:.1f} tokens, response "
+        f"  ppo.algo={s['algo']} (advantage {s['advantage']}, critic: {'yes' if s['critic'] else 'none'}), "
+        f"batch {s['batch_size']} prompts x {s['samples_per_prompt']} samples, prompt {s['prompt_tokens_mean']:.1f} "
+        f"tokens, response "
         f"{s['response_tokens_mean']:.1f} tokens (max {s['max_new_tokens']}, early_stop={s['early_stop']}), "
         f"dtype {s['dtype']}, lora={s['lora']}, value_head={s['value_head']}, epochs {s['epochs']}",
         f"median of {r['steps_timed']} steps (first excluded):",

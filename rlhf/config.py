@@ -144,22 +144,61 @@ class RolloutConfig:
     `generate(do_sample=True)` draws from the same random state."""
 
 
+# The parts each `ppo.algo` preset fills: advantage estimator, policy loss, loss aggregation
+# and where the KL to the reference goes (with its estimator).
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": dict(advantage="gae", policy_loss="ppo", loss_agg="token-mean", kl_in_reward=True, kl_estimator="k1"),
+    "a2c": dict(advantage="gae", policy_loss="a2c", loss_agg="token-mean", kl_in_reward=True, kl_estimator="k1"),
+    "grpo": dict(advantage="grpo", policy_loss="ppo", loss_agg="seq-mean-token-mean", kl_in_reward=False,
+                 kl_estimator="k3"),
+    "dr_grpo": dict(advantage="dr_grpo", policy_loss="ppo", loss_agg="seq-mean-token-sum-norm", kl_in_reward=False,
+                    kl_estimator="k3"),
+    "rloo": dict(advantage="rloo", policy_loss="ppo", loss_agg="token-mean", kl_in_reward=True, kl_estimator="k1"),
+    "reinforce_pp": dict(advantage="reinforce_pp", policy_loss="ppo", loss_agg="token-mean", kl_in_reward=True,
+                         kl_estimator="k1"),
+    "reinforce_pp_baseline": dict(advantage="reinforce_pp_baseline", policy_loss="ppo", loss_agg="token-mean",
+                                  kl_in_reward=True, kl_estimator="k1"),
+}
+
+
 @dataclass
 class PPOConfig:
     algo: str = "ppo"
-    """The policy loss, by its name in `rlhf.algos.POLICY_LOSSES`. `ppo`: clipped
-    surrogate, several epochs over minibatches. `a2c`: the basic loss -log pi * A, one pass,
-    no clipping."""
-    advantage: str = "gae"
-    """The advantage estimator, by its name in `rlhf.algos.ADVANTAGE_ESTIMATORS`. `gae`:
-    generalised advantage estimation over the per-token rewards and the critic's values."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How per-token losses become one number (`rlhf.algos.aggregate_loss`): a mean over
-    every real token of the minibatch, a mean over sequences of each one's token mean, or
-    the token sum divided by sequences x max_new_tokens. None depends on how the minibatch
-    is split into micro-batches or processes."""
+    """A preset of the parts `advantage`, `policy_loss`, `loss_agg`, `kl_in_reward` and
+    `kl_estimator`; each part left null takes the preset's value, one that is set overrides it
+    (the resolved values are saved in config.yaml):
+
+        preset                 advantage              policy_loss  loss_agg                  KL
+        ppo                    gae                    ppo          token-mean                k1 in the reward
+        a2c                    gae                    a2c          token-mean                k1 in the reward
+        grpo                   grpo                   ppo          seq-mean-token-mean       k3 in the loss
+        dr_grpo                dr_grpo                ppo          seq-mean-token-sum-norm   k3 in the loss
+        rloo                   rloo                   ppo          token-mean                k1 in the reward
+        reinforce_pp           reinforce_pp           ppo          token-mean                k1 in the reward
+        reinforce_pp_baseline  reinforce_pp_baseline  ppo          token-mean                k1 in the reward
+
+    GRPO aggregates as its paper does (each sequence's token mean, then the mean over
+    sequences); DAPO's token mean is `loss_agg=token-mean` with `clip_eps_high=0.28`. The
+    name of a registered policy loss that is not a preset means the ppo preset with that loss."""
+    advantage: Optional[str] = None
+    """The advantage estimator, by its name in `rlhf.algos.ADVANTAGE_ESTIMATORS` (null: the
+    preset's). `gae`: generalised advantage estimation over the per-token rewards and the
+    critic's values. `grpo`, `dr_grpo`, `rloo`, `reinforce_pp_baseline` compare the samples
+    of one prompt (rollout.samples_per_prompt >= 2); `reinforce_pp` whitens returns over the
+    batch. No critic is built for an estimator that reads no values."""
+    policy_loss: Optional[str] = None
+    """The policy loss, by its name in `rlhf.algos.POLICY_LOSSES` (null: the preset's). `ppo`:
+    clipped surrogate, several epochs over minibatches. `a2c`: the basic loss -log pi * A,
+    one pass, no clipping. `gspo`: the clipped surrogate on each sequence's ratio (the
+    geometric mean of its token ratios); its paper clips at clip_eps=3e-4,
+    clip_eps_high=4e-4, far tighter than a token ratio's 0.2."""
+    loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]] = None
+    """How per-token losses become one number (`rlhf.algos.aggregate_loss`; null: the
+    preset's): a mean over every real token of the minibatch, a mean over sequences of each
+    one's token mean, or the token sum divided by sequences x max_new_tokens. None depends on
+    how the minibatch is split into micro-batches or processes."""
     epochs: int = 1
-    """Passes over each rollout batch (forced to 1 for a2c)."""
+    """Passes over each rollout batch (forced to 1 for the a2c loss)."""
     minibatch_size: Optional[int] = None
     """Sequences per optimiser step (default: the whole rollout batch)."""
     micro_batch_size: Optional[int] = None
@@ -186,11 +225,11 @@ class PPOConfig:
     """Sequence KL target for the adaptive controller (null: fixed kl_coef)."""
     kl_horizon: int = 10000
     """Adaptive controller horizon (Ziegler et al.), in samples."""
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
-    """Per-token KL estimator in the penalty."""
-    kl_in_reward: bool = True
+    kl_estimator: Optional[Literal["k1", "k2", "k3", "abs"]] = None
+    """Per-token KL estimator in the penalty (null: the preset's)."""
+    kl_in_reward: Optional[bool] = None
     """Fold the KL penalty into the per-token rewards (InstructGPT). Off: add
-    kl_coef * KL to the policy loss instead."""
+    kl_coef * KL to the policy loss instead (null: the preset's)."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -198,7 +237,10 @@ class PPOConfig:
     clip_eps: float = 0.2
     """PPO ratio clip range: [1 - clip_eps, 1 + clip_eps_high]."""
     clip_eps_high: Optional[float] = None
-    """Upper clip range (default: clip_eps)."""
+    """Upper clip range (default: clip_eps; larger is DAPO's clip-higher)."""
+    dual_clip: Optional[float] = None
+    """Dual clip (Ye et al. 2020), a constant c > 1: a token with a negative advantage loses at
+    most c * |A| however large its ratio grows (null: off)."""
     value_clip: float = 0.2
     """Value clipping range around the rollout values."""
     vf_coef: float = 0.5
@@ -216,6 +258,22 @@ class PPOConfig:
     the update's own first forward (same weights, same sequences) instead of a separate
     no-grad pass: one forward of policy and critic less per step. The ratio of that pass is
     then exactly 1 instead of 1 within rounding."""
+
+    def resolve_preset(self) -> None:
+        """Fill each part left null from the `algo` preset. Runs when the config is validated
+        (at load): set `algo` before, or set the parts themselves after."""
+        from rlhf import algos
+
+        preset = ALGORITHM_PRESETS.get(self.algo)
+        if preset is None:
+            if self.algo not in algos.POLICY_LOSSES:
+                raise ConfigError(f"ppo.algo: expected one of {', '.join(map(repr, ALGORITHM_PRESETS))} (a preset) or "
+                                  f"a registered policy loss ({', '.join(map(repr, algos.POLICY_LOSSES))}), "
+                                  f"got {self.algo!r}")
+            preset = {**ALGORITHM_PRESETS["ppo"], "policy_loss": self.algo}
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 @dataclass
@@ -309,8 +367,11 @@ class Config:
             raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
         if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
             raise ConfigError(f"ppo.kl_target: expected > 0 or null, got {cfg.ppo.kl_target}")
+        if cfg.ppo.dual_clip is not None and cfg.ppo.dual_clip <= 1:
+            raise ConfigError(f"ppo.dual_clip: expected a number > 1 or null, got {cfg.ppo.dual_clip}")
         cfg.diagnostics.validate()
-        for field_name, registry in (("algo", algos.POLICY_LOSSES), ("advantage", algos.ADVANTAGE_ESTIMATORS)):
+        cfg.ppo.resolve_preset()
+        for field_name, registry in (("policy_loss", algos.POLICY_LOSSES), ("advantage", algos.ADVANTAGE_ESTIMATORS)):
             if getattr(cfg.ppo, field_name) not in registry:
                 raise ConfigError(f"ppo.{field_name}: expected one of {', '.join(map(repr, registry))}, "
                                   f"got {getattr(cfg.ppo, field_name)!r}")

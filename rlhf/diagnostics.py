@@ -25,6 +25,10 @@ CHECKS = (
     "negative_kl",
     "critic_not_learning",
     "updates_too_large",
+    "zero_variance_groups",
+    "entropy_collapse",
+    "length_drift",
+    "clip_side",
     "non_finite",
 )
 
@@ -35,7 +39,8 @@ class DiagnosticsConfig:
     """Run the health checks (the non-finite guard always runs: such a step is refused)."""
     disabled: list[str] = field(default_factory=list)
     """Checks to turn off by name: reward_hacking, collapse, over_regularised, negative_kl,
-    critic_not_learning, updates_too_large."""
+    critic_not_learning, updates_too_large, zero_variance_groups, entropy_collapse,
+    length_drift, clip_side."""
     window: int = 5
     """Steps averaged for the "start" (the first steps) and for "now" (the latest steps) in
     trend checks; trend checks start after 2 * window steps."""
@@ -54,7 +59,8 @@ class DiagnosticsConfig:
     hacking_kl_max: float = 10.0
     """Reward hacking without ppo.kl_target: sequence KL (nats) counted as far too large."""
     collapse_entropy_frac: float = 0.3
-    """Collapse: policy entropy below this fraction of its start."""
+    """Collapse: policy entropy below this fraction of its start (reported by `collapse`
+    with a critic, by `entropy_collapse` without one)."""
     collapse_repeat_rise: float = 0.2
     """Collapse: rise of the repeated 4-gram share (`response/repeat_frac`) since the start."""
     collapse_distinct_frac: float = 0.5
@@ -65,7 +71,8 @@ class DiagnosticsConfig:
     """... having grown by at least this fraction of rollout.max_new_tokens since the start (a
     model that sits near the limit from the start has not drifted)."""
     collapse_length_drop_frac: float = 0.25
-    """Collapse: mean response length shrunk below this fraction of its start."""
+    """Collapse: mean response length shrunk below this fraction of its start. The length
+    signals are reported by `collapse` with a critic, by `length_drift` without one."""
     over_reg_steps: int = 20
     """Regularisation too strong: how many steps the KL must stay near zero and the score flat."""
     over_reg_kl: float = 0.1
@@ -84,6 +91,12 @@ class DiagnosticsConfig:
     """... or approximate KL(pi_old || pi) per token above this ..."""
     patience: int = 3
     """... for this many consecutive steps."""
+    clipfrac_side_max: float = 0.2
+    """Clip side: `policy/clipfrac_high` or `policy/clipfrac_low` above this for `patience`
+    consecutive steps (reported by updates_too_large instead while that one fires)."""
+    zero_std_group_frac_max: float = 0.5
+    """Zero-variance groups: mean share of groups whose samples all scored alike
+    (`reward/zero_std_group_frac`) over the last window above this."""
 
     def validate(self) -> None:
         """Raise ConfigError for a name in `disabled` that is not a check, or a window or
@@ -149,8 +162,10 @@ def repeated_ngram_fraction(texts: list[str], n: int = 4) -> float:
 SCORE, SCORE_STD, KL = "reward/score_mean", "reward/score_std", "kl/ref_mean"
 ENTROPY, REPEAT, DISTINCT, LENGTH = "policy/entropy", "response/repeat_frac", "response/distinct2", "response/length_mean"
 EV, CLIPFRAC, APPROX_KL, GAP = "value/explained_variance", "policy/clipfrac", "policy/approx_kl", "policy/logprob_gap"
+CLIP_HIGH, CLIP_LOW, ZERO_STD = "policy/clipfrac_high", "policy/clipfrac_low", "reward/zero_std_group_frac"
 JUDGE, EVAL_SCORE = "eval/judge_mean", "eval/score_mean"
-TRACKED = (SCORE, SCORE_STD, KL, ENTROPY, REPEAT, DISTINCT, LENGTH, EV, CLIPFRAC, APPROX_KL, GAP)
+TRACKED = (SCORE, SCORE_STD, KL, ENTROPY, REPEAT, DISTINCT, LENGTH, EV, CLIPFRAC, APPROX_KL, GAP, CLIP_HIGH, CLIP_LOW,
+           ZERO_STD)
 
 
 def _mean(values: list) -> Optional[float]:
@@ -170,14 +185,107 @@ def _rounded(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(x, 4)
 
 
-class HealthMonitor:
-    """Feed it metrics rows in step order; it returns the alerts that fire."""
+class _CriticFreeChecks:
+    """The checks of the critic-free algorithms (GRPO, RLOO, REINFORCE++) and of the clip's
+    two sides, and the entropy and length signals they share with `collapse`; a part of
+    `HealthMonitor`, whose windows they read."""
 
-    def __init__(self, cfg: DiagnosticsConfig, *, kl_target: float | None = None, max_new_tokens: int | None = None):
+    def _entropy_fall(self, evidence: dict) -> Optional[str]:
+        entropy, c = self._trend(ENTROPY), self.cfg
+        if entropy and entropy[0] > 0 and entropy[1] < c.collapse_entropy_frac * entropy[0]:
+            evidence.update(entropy_start=_rounded(entropy[0]), entropy_now=_rounded(entropy[1]))
+            return f"entropy fell from {entropy[0]:.3g} to {entropy[1]:.3g}"
+        return None
+
+    def _length_change(self, evidence: dict) -> Optional[tuple[str, str]]:
+        """("up" or "down", the signal) when the mean length drifted to the limit or shrank."""
+        c, length, max_new = self.cfg, self._trend(LENGTH), self.max_new_tokens
+        if length and max_new and length[1] >= c.collapse_length_limit_frac * max_new \
+                and length[1] - length[0] >= c.collapse_length_drift * max_new:
+            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]), max_new_tokens=max_new)
+            return "up", (f"mean length drifted from {length[0]:.1f} to {length[1]:.1f} tokens, "
+                          f"at the limit rollout.max_new_tokens={max_new}")
+        if length and length[0] > 0 and length[1] < c.collapse_length_drop_frac * length[0]:
+            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]))
+            return "down", f"mean length shrank from {length[0]:.1f} to {length[1]:.1f} tokens"
+        return None
+
+    def _zero_variance_groups(self):
+        c = self.cfg
+        shares = [v for v in self.recent[ZERO_STD][-c.window:] if v is not None]
+        if len(shares) < c.window or _mean(shares) <= c.zero_std_group_frac_max:
+            return None
+        share, score = _mean(shares), _mean(self.recent[SCORE][-c.window:])
+        return (f"{share:.0%} of the groups (mean of the last {c.window} steps) scored all their samples alike: "
+                "under a group baseline they get advantage 0 and add no gradient, so each step learns from the "
+                f"rest alone. The prompts are too easy (all right) or too hard (all wrong) for the model (mean score "
+                f"{score:.3g}): raise rollout.samples_per_prompt or rollout.temperature, or give prompts of a "
+                "difficulty the model solves sometimes; falling entropy makes it worse",
+                {"zero_std_group_frac": _rounded(share), "score_mean": _rounded(score), "steps": c.window})
+
+    def _entropy_collapse(self):
+        evidence = {}
+        signal = self._entropy_fall(evidence) if self.critic_free else None
+        if signal is None:
+            return None
+        return (f"{signal} nats per token (below {self.cfg.collapse_entropy_frac:g} of the start): the policy turns "
+                "deterministic, the samples of a prompt become alike and their groups stop carrying signal. With "
+                "a symmetric clip an unlikely token can gain little per step (DAPO): raise ppo.clip_eps_high "
+                "(e.g. 0.28), add a small ppo.entropy_coef, raise rollout.temperature, or lower ppo.lr", evidence)
+
+    def _length_drift(self):
+        evidence = {}
+        found = self._length_change(evidence) if self.critic_free else None
+        if found is None:
+            return None
+        direction, signal = found
+        if direction == "up":
+            return (f"{signal}: responses are cut off unfinished. Penalise responses without EOS "
+                    "(reward.missing_eos_penalty) or raise rollout.max_new_tokens; with ppo.loss_agg="
+                    "seq-mean-token-mean a long wrong answer is penalised less per token: use token-mean or "
+                    "seq-mean-token-sum-norm (the dr_grpo preset)", evidence)
+        return (f"{signal}: the reward or the loss favours short answers. With ppo.loss_agg=seq-mean-token-mean "
+                "each token of a short answer weighs more (the length bias Dr. GRPO removes): use token-mean or "
+                "seq-mean-token-sum-norm; otherwise check the reward function for a length preference", evidence)
+
+    def _clip_side(self):
+        c = self.cfg
+        if self.streak >= c.patience and "updates_too_large" not in c.disabled:
+            return None  # updates_too_large reports it, with the sides in its evidence
+        for key, side in ((CLIP_HIGH, "upper"), (CLIP_LOW, "lower")):
+            last = self.recent[key][-c.patience:]
+            if len(last) < c.patience or any(v is None or v <= c.clipfrac_side_max for v in last):
+                continue
+            share = _mean(last)
+            if side == "upper":
+                what = ("ratio above 1 + ppo.clip_eps_high with a positive advantage: the update pushes good tokens "
+                        "up faster than the clip lets it, and their gradient is cut")
+            else:
+                what = ("ratio below 1 - ppo.clip_eps with a negative advantage: the update pushes bad tokens down "
+                        "faster than the clip lets it, and their gradient is cut")
+            return (f"for {c.patience} steps {share:.0%} of the tokens hit the {side} clip ({what}). Lower ppo.lr or "
+                    "ppo.epochs, or use a larger ppo.minibatch_size; with ppo.policy_loss=gspo a share near 15% is "
+                    "usual, and its clip range (ppo.clip_eps, ppo.clip_eps_high) should be about 3e-4 and 4e-4",
+                    {"side": side, "clipfrac": _rounded(share), "limit": c.clipfrac_side_max, "steps": c.patience})
+        return None
+
+
+class HealthMonitor(_CriticFreeChecks):
+    """Feed it metrics rows in step order; it returns the alerts that fire.
+
+    `critic_free`: the run's advantage estimator reads no critic (GRPO, RLOO, REINFORCE++).
+    Falling entropy and drifting length are then reported by `entropy_collapse` and
+    `length_drift`, whose causes and knobs are those of these algorithms, instead of by
+    `collapse`, which then reads the text signals alone.
+    """
+
+    def __init__(self, cfg: DiagnosticsConfig, *, kl_target: float | None = None, max_new_tokens: int | None = None,
+                 critic_free: bool = False):
         cfg.validate()
         self.cfg = cfg
         self.kl_target = kl_target
         self.max_new_tokens = max_new_tokens
+        self.critic_free = critic_free
         self.n = 0  # rows observed
         self.start: dict[str, list] = {k: [] for k in TRACKED}  # the first `window` rows
         self.recent: dict[str, list] = {k: [] for k in TRACKED}  # the last `keep` rows
@@ -189,7 +297,7 @@ class HealthMonitor:
 
     @property
     def _keep(self) -> int:
-        return max(self.cfg.window, self.cfg.over_reg_steps)
+        return max(self.cfg.window, self.cfg.over_reg_steps, self.cfg.patience)
 
     # -- state for resume ---------------------------------------------------------------
 
@@ -241,6 +349,10 @@ class HealthMonitor:
             ("negative_kl", self._negative_kl),
             ("critic_not_learning", self._critic_not_learning),
             ("updates_too_large", self._updates_too_large),
+            ("zero_variance_groups", self._zero_variance_groups),
+            ("entropy_collapse", self._entropy_collapse),
+            ("length_drift", self._length_drift),
+            ("clip_side", self._clip_side),
         ):
             if name in self.cfg.disabled:
                 continue
@@ -331,10 +443,8 @@ class HealthMonitor:
 
     def _collapse(self):
         c, signals, evidence = self.cfg, [], {}
-        entropy = self._trend(ENTROPY)
-        if entropy and entropy[0] > 0 and entropy[1] < c.collapse_entropy_frac * entropy[0]:
-            signals.append(f"entropy fell from {entropy[0]:.3g} to {entropy[1]:.3g}")
-            evidence.update(entropy_start=_rounded(entropy[0]), entropy_now=_rounded(entropy[1]))
+        if not self.critic_free:
+            signals.append(self._entropy_fall(evidence))
         repeat = self._trend(REPEAT)
         if repeat and repeat[1] - repeat[0] >= c.collapse_repeat_rise:
             signals.append(f"repeated 4-grams rose from {repeat[0]:.0%} to {repeat[1]:.0%}")
@@ -343,15 +453,10 @@ class HealthMonitor:
         if distinct and distinct[0] > 0 and distinct[1] < c.collapse_distinct_frac * distinct[0]:
             signals.append(f"distinct bigrams fell from {distinct[0]:.0%} to {distinct[1]:.0%}")
             evidence.update(distinct2_start=_rounded(distinct[0]), distinct2_now=_rounded(distinct[1]))
-        length, max_new = self._trend(LENGTH), self.max_new_tokens
-        if length and max_new and length[1] >= c.collapse_length_limit_frac * max_new \
-                and length[1] - length[0] >= c.collapse_length_drift * max_new:
-            signals.append(f"mean length drifted from {length[0]:.1f} to {length[1]:.1f} tokens, "
-                           f"at the limit rollout.max_new_tokens={max_new}")
-            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]), max_new_tokens=max_new)
-        elif length and length[0] > 0 and length[1] < c.collapse_length_drop_frac * length[0]:
-            signals.append(f"mean length shrank from {length[0]:.1f} to {length[1]:.1f} tokens")
-            evidence.update(length_start=_rounded(length[0]), length_now=_rounded(length[1]))
+        if not self.critic_free:
+            length = self._length_change(evidence)
+            signals.append(length[1] if length else None)
+        signals = [s for s in signals if s]
         if not signals:
             return None
         evidence["signals"] = len(signals)
@@ -423,4 +528,6 @@ class HealthMonitor:
                 f"{c.clipfrac_max:g}) or approximate KL ({approx_kl:.3g}, limit "
                 f"{c.approx_kl_max:g}) stayed too high: each update moves the policy far from the rollout policy. "
                 "Lower ppo.lr or ppo.epochs, or use larger ppo.minibatch_size",
-                {"clipfrac": _rounded(clipfrac), "approx_kl": _rounded(approx_kl), "steps": self.streak})
+                {"clipfrac": _rounded(clipfrac), "approx_kl": _rounded(approx_kl), "steps": self.streak,
+                 "clipfrac_high": _rounded(_mean(self.recent[CLIP_HIGH][-c.patience:])),
+                 "clipfrac_low": _rounded(_mean(self.recent[CLIP_LOW][-c.patience:]))})

@@ -5,7 +5,7 @@ One step, top to bottom in `step_once`:
 1. generate: this process's prompts from the stream -> a `Rollout` (the generator seam);
 2. make experience: reward, old and reference log-probs, values, per-token rewards and
    advantages -> an `Experience` (`ExperienceMaker`, the maths in `rlhf.algos`);
-3. update: epochs x minibatches x micro-batches of the policy loss named by `ppo.algo`
+3. update: epochs x minibatches x micro-batches of the policy loss named by `ppo.policy_loss`
    and the critic's loss (`Updater`, on the training-engine seam);
 4. the KL controller and the schedules move, the generator gets the new weights;
 5. metrics, samples; `train()` adds health checks, checkpoints and the final save.
@@ -76,13 +76,18 @@ class PPOTrainer:
         self.stream = PromptStream(len(self.prompts), cfg.train.seed, self.engine.rank, self.engine.world)
         self.judge = import_function(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None
         self.eval_prompts = load_prompts(cfg.eval.prompts) if cfg.eval.prompts else self.prompts
-        self.monitor = HealthMonitor(cfg.diagnostics, kl_target=p.kl_target, max_new_tokens=cfg.rollout.max_new_tokens)
+        self.monitor = HealthMonitor(cfg.diagnostics, kl_target=p.kl_target, max_new_tokens=cfg.rollout.max_new_tokens,
+                                     critic_free=not algos.advantage_estimator(p.advantage).needs_critic)
         self.step = 0
         self._stop_requested = False
         self.engine.register_for_checkpointing(TrainerState(self))
         warn_off_policy(cfg.rollout)
-        if p.algo == "a2c" and p.epochs != 1:
-            log.warning("ppo.algo=a2c is one pass over each rollout batch: ppo.epochs=%d is ignored", p.epochs)
+        if p.policy_loss == "a2c" and p.epochs != 1:
+            log.warning("ppo.policy_loss=a2c is one pass over each rollout batch: ppo.epochs=%d is ignored", p.epochs)
+        if p.policy_loss == "gspo" and p.clip_eps >= 0.01:
+            log.warning("ppo.policy_loss=gspo clips each sequence's ratio, which stays far closer to 1 than a token's: "
+                        "ppo.clip_eps=%g clips almost nothing (its paper uses 3e-4 and ppo.clip_eps_high=4e-4)",
+                        p.clip_eps)
 
     def _build_models(self):
         """Tokenizer, reward, actor-critic and updater, in the order that keeps the random
@@ -170,7 +175,7 @@ class PPOTrainer:
         metrics.update(self._eval_metrics())
         if engine.is_main and cfg.train.log_samples_every and self.step % cfg.train.log_samples_every == 0:
             write_samples(self.out_dir, self.step, experience, result, self.tokenizer, cfg.train.num_samples,
-                          cfg.ppo.clip_eps, cfg.ppo.clip_eps_high)
+                          cfg.ppo.clip_eps, cfg.ppo.clip_eps_high, sequence_ratio=cfg.ppo.policy_loss == "gspo")
         return metrics
 
     def _eval_metrics(self) -> dict:

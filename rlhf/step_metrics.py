@@ -24,12 +24,17 @@ def step_metrics(exp: Experience, result: UpdateResult, engine, step: int, lr: f
     responses = engine.gather_objects(exp.responses)  # text statistics over every process's responses
     critic = {"value/explained_variance": algos.explained_variance(
         *(engine.gather_tokens(t) for t in (exp.values, exp.returns, mask)))} if "value/loss" in result.stats else {}
+    grouped = exp.groups is not None and exp.groups.unique().numel() < exp.size
+    # Groups whose scores are all equal give every sample advantage 0 under a group baseline.
+    groups = {"reward/zero_std_group_frac": engine.mean(algos.constant_groups(exp.scores, exp.groups).float()).item()
+              } if grouped else {}
     return {
         "step": step,
         "reward/score_mean": all_scores.mean().item(),
         "reward/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
         "reward/raw_mean": engine.mean(exp.raw_scores).item(),
         "reward/total_mean": engine.mean((exp.rewards * mask).sum(-1)).item(),
+        **groups,
         "kl/ref_mean": engine.mean(exp.sequence_kl).item(),
         "kl/coef": exp.kl_coef,
         **{k: engine.reduce_mean(v) for k, v in result.stats.items()},
@@ -49,12 +54,16 @@ def step_metrics(exp: Experience, result: UpdateResult, engine, step: int, lr: f
 
 
 def write_samples(out_dir: Path, step: int, exp: Experience, result: UpdateResult, tokenizer, n: int,
-                  clip_eps: float, clip_eps_high: float | None) -> None:
+                  clip_eps: float, clip_eps_high: float | None, sequence_ratio: bool = False) -> None:
     """`n` responses to samples.jsonl, and the per-token view of two of them to tokens.jsonl
-    (the report's token inspector)."""
+    (the report's token inspector). `sequence_ratio`: the loss clips each sequence's ratio
+    (GSPO), shown on each of its tokens."""
     n = min(n, exp.size)
     seq_kl = exp.sequence_kl
-    ratio = torch.exp(result.logprobs - exp.old_logprobs)
+    if sequence_ratio:
+        ratio = algos.sequence_ratio(result.logprobs, exp.old_logprobs, exp.mask)[:, None] * exp.mask
+    else:
+        ratio = torch.exp(result.logprobs - exp.old_logprobs)
     clip = algos.ppo_clip_side(ratio, exp.advantages, clip_eps, clip_eps_high)
     with open(out_dir / "samples.jsonl", "a") as f:
         for i in range(n):

@@ -33,7 +33,7 @@ class Updater:
                  shuffle_rng: torch.Generator):
         self.models, self.engine, self.p = models, engine, ppo
         self.max_new_tokens, self.shuffle_rng = max_new_tokens, shuffle_rng
-        self.loss_fn = algos.policy_loss(ppo.algo)
+        self.loss_fn = algos.policy_loss(ppo.policy_loss)
         critic_lr = ppo.critic_lr if ppo.critic_lr is not None else 2 * ppo.lr
         fused = {"fused": True} if ppo.fused_adamw else {}
         lrs = {"policy": ppo.lr, "critic": critic_lr}
@@ -69,8 +69,9 @@ class Updater:
     @staticmethod
     def batch_shape(p: PPOConfig, batch: int) -> tuple[int, int, int]:
         """(epochs, minibatch size, micro-batch size) for a rollout batch of `batch`."""
-        mb = batch if p.algo == "a2c" else (p.minibatch_size or batch)
-        return (1 if p.algo == "a2c" else p.epochs), mb, min(p.micro_batch_size or mb, mb)
+        one_pass = p.policy_loss == "a2c"  # no ratio, no clip: one pass over the whole batch
+        mb = batch if one_pass else (p.minibatch_size or batch)
+        return (1 if one_pass else p.epochs), mb, min(p.micro_batch_size or mb, mb)
 
     def update(self, exp: Experience) -> UpdateResult:
         B = exp.size
@@ -114,7 +115,7 @@ class Updater:
                                         max_tokens=self.max_new_tokens)
 
         pg_tokens, pg_stats = self.loss_fn(out.logprobs, sub.old_logprobs, sub.advantages, m, clip_eps=p.clip_eps,
-                                           clip_eps_high=p.clip_eps_high)
+                                           clip_eps_high=p.clip_eps_high, dual_clip=p.dual_clip)
         loss = agg(pg_tokens) - p.entropy_coef * agg(out.entropy)
         if not p.kl_in_reward and sub.kl_coef > 0:
             loss = loss + sub.kl_coef * agg(algos.kl_penalty(out.logprobs, sub.ref_logprobs, p.kl_estimator))

@@ -23,16 +23,21 @@ RESPONSE_WIDTH = 8
 
 
 def fixed_rollout(trainer: PPOTrainer, indices: list[int]) -> Rollout:
-    """Prompt i is answered by byte tokens derived from i, ending with EOS after 2 + i % 5
-    of them: different lengths, so the token weighting across processes is exercised."""
+    """The k-th sample of prompt i is answered by byte tokens derived from i and k, ending
+    with EOS after 2 + (i + k) % 5 of them: different lengths, so the token weighting across
+    processes is exercised, and different answers within a group of samples of one prompt."""
     tok = trainer.tokenizer
     prompt_ids, prompt_mask = left_pad([trainer.prompt_ids[i] for i in indices], tok.pad_token_id)
     response_ids = torch.full((len(indices), RESPONSE_WIDTH), tok.pad_token_id)
+    lengths = []
     for row, i in enumerate(indices):
-        n = 2 + i % 5
-        response_ids[row, :n] = torch.tensor([tok.convert_tokens_to_ids("a") + (7 * i + 3 * t) % 26 for t in range(n)])
+        k = indices[:row].count(i)
+        n = 2 + (i + k) % 5
+        response_ids[row, :n] = torch.tensor([tok.convert_tokens_to_ids("a") + (7 * i + 3 * t + 5 * k) % 26
+                                              for t in range(n)])
         response_ids[row, n] = tok.eos_token_id
-    response_mask = (torch.arange(RESPONSE_WIDTH)[None] <= (2 + torch.tensor(indices) % 5)[:, None]).float()
+        lengths.append(n)
+    response_mask = (torch.arange(RESPONSE_WIDTH)[None] <= torch.tensor(lengths)[:, None]).float()
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.ones(len(indices), dtype=torch.bool))
 
 
@@ -58,7 +63,7 @@ def main(config_path: str, out_path: str) -> None:
     metrics = trainer.step_once()
     if acc.is_main_process:
         torch.save({"policy": acc.unwrap_model(trainer.policy).state_dict(),
-                    "critic": acc.unwrap_model(trainer.critic).state_dict(),
+                    "critic": acc.unwrap_model(trainer.critic).state_dict() if trainer.critic is not None else {},
                     "metrics": metrics, "world": acc.num_processes, "samples": samples}, out_path)
     acc.wait_for_everyone()
     acc.end_training()

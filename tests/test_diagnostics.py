@@ -229,6 +229,61 @@ def test_no_updates_too_large_for_isolated_spikes():
                       policy__approx_kl=lambda s: 0.2 if s % 3 == 1 else None)) == []
 
 
+# -- critic-free algorithms: groups, entropy, length, the clip's sides --------------------
+
+
+def test_zero_variance_groups_fire_when_most_groups_score_alike():
+    # From step 10 on, 80% of the groups score every sample alike (all right or all wrong).
+    alerts = run(stream(30, reward__zero_std_group_frac=lambda s: 0.1 if s < 10 else 0.8), critic_free=True)
+    (alert,) = alerts
+    # Step 12 is the first whose last 5 steps average above 0.5: (2 x 0.1 + 3 x 0.8) / 5 = 0.52.
+    assert (alert.check, alert.step) == ("zero_variance_groups", 12)
+    assert "rollout.samples_per_prompt" in alert.message and alert.evidence["zero_std_group_frac"] == 0.52
+
+
+def test_no_zero_variance_alert_for_a_minority_or_without_groups():
+    assert run(stream(60, reward__zero_std_group_frac=lambda s: 0.3 + 0.1 * math.sin(s)), critic_free=True) == []
+    assert run(stream(60), critic_free=True) == []  # the metric is absent with one sample per prompt
+
+
+@pytest.mark.parametrize("curves, check, knob", [
+    ({"policy__entropy": lambda s: 2.0 * math.exp(-0.1 * s)}, "entropy_collapse", "ppo.clip_eps_high"),
+    ({"response__length_mean": lambda s: min(32.0, 16 + s)}, "length_drift", "reward.missing_eos_penalty"),
+    ({"response__length_mean": lambda s: max(1.0, 20 - s)}, "length_drift", "seq-mean-token-sum-norm"),
+])
+def test_entropy_and_length_have_their_own_checks_without_a_critic(curves, check, knob):
+    """The signals `collapse` reads with a critic; without one their own checks report them,
+    with the knobs of the critic-free algorithms, and `collapse` stays quiet."""
+    alerts = run(stream(40, **curves), critic_free=True)
+    assert fired(alerts) == {check} and knob in alerts[0].message
+    assert fired(run(stream(40, **curves))) == {"collapse"}
+
+
+def test_no_entropy_or_length_alert_on_moderate_drift_without_a_critic():
+    for curves in ({"policy__entropy": lambda s: 2.0 - 0.02 * s}, {"response__length_mean": lambda s: 20 - 0.2 * s},
+                   {"response__length_mean": lambda s: 32.0}):
+        assert run(stream(40, **curves), critic_free=True) == []
+    # The text signals still go to `collapse`.
+    alerts = run(stream(40, response__repeat_frac=lambda s: min(0.6, 0.02 + 0.02 * s)), critic_free=True)
+    assert fired(alerts) == {"collapse"}
+
+
+@pytest.mark.parametrize("key, side", [("policy__clipfrac_high", "upper"), ("policy__clipfrac_low", "lower")])
+def test_clip_side_fires_on_either_side(key, side):
+    # One side clipped on 25% of the tokens from step 8; the total (0.27) stays under 0.3.
+    alert, = run(stream(30, **{key: lambda s: 0.25 if s >= 8 else 0.01}, policy__clipfrac=lambda s: 0.27))
+    assert (alert.check, alert.step, alert.evidence["side"]) == ("clip_side", 10, side)
+    assert f"{side} clip" in alert.message and "ppo.lr" in alert.message
+
+
+def test_no_clip_side_alert_for_spikes_small_shares_or_when_updates_too_large_fires():
+    assert run(stream(60, policy__clipfrac_high=lambda s: 0.3 if s % 3 == 0 else 0.05,
+                      policy__clipfrac_low=lambda s: 0.1)) == []
+    alerts = run(stream(30, policy__clipfrac=lambda s: 0.5 if s >= 5 else None,
+                        policy__clipfrac_low=lambda s: 0.45 if s >= 5 else None))
+    assert fired(alerts) == {"updates_too_large"} and alerts[0].evidence["clipfrac_low"] == 0.45
+
+
 # -- non-finite --------------------------------------------------------------------------
 
 
@@ -301,7 +356,8 @@ def test_config_fields_documented_and_loadable(tmp_path):
     cfg = load_config(Config, path, ["diagnostics.clipfrac_max=0.4"])
     assert (cfg.diagnostics.window, cfg.diagnostics.disabled, cfg.diagnostics.clipfrac_max) == (8, ["negative_kl"], 0.4)
     assert set(CHECKS) == {"reward_hacking", "collapse", "over_regularised", "negative_kl", "critic_not_learning",
-                           "updates_too_large", "non_finite"}
+                           "updates_too_large", "zero_variance_groups", "entropy_collapse", "length_drift",
+                           "clip_side", "non_finite"}
 
 
 # -- text statistics ---------------------------------------------------------------------
