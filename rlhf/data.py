@@ -49,6 +49,10 @@ def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, st
             yield lineno, where, record
 
 
+ROLES = ("system", "user", "assistant", "tool")
+"""The chat roles that chat templates know; another role would be rendered as written."""
+
+
 def _prompt_from_record(record: dict, where: str) -> Prompt:
     if "messages" in record:
         messages = record["messages"]
@@ -56,12 +60,27 @@ def _prompt_from_record(record: dict, where: str) -> Prompt:
             isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
         ):
             raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m["role"], str) or m["role"] not in ROLES:
+                raise DataError(f"{where}: messages[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
         return Prompt(text="\n".join(m["content"] for m in messages), messages=messages)
     if "prompt" in record:
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise DataError(f"{where}: `prompt` must be a non-empty string")
         return Prompt(text=record["prompt"])
     raise DataError(f"{where}: expected a `prompt` or `messages` field, found {sorted(record)}")
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a line that is not UTF-8 is named."""
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError:
+                raise DataError(f"{path} line {lineno}: not UTF-8 text") from None
+    return lines
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
@@ -84,7 +103,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     elif path.suffix in (".jsonl", ".json"):
         prompts = [_prompt_from_record(record, where) for _, where, record in read_jsonl(path, DataError)]
     else:
-        prompts = [Prompt(text=line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [Prompt(text=line) for line in read_text_lines(path) if line.strip()]
     if not prompts:
         raise DataError(f"data.prompts: {path} holds no prompts")
     return prompts
@@ -103,6 +122,10 @@ def tokenize_prompts(
     is what the response continues); one warning says how many were cut.
     """
     use_template = chat_template and getattr(tokenizer, "chat_template", None)
+    if not use_template and (system_prompt or any(p.messages for p in prompts)):
+        log.warning("no chat template in use (data.chat_template=%s, the tokenizer has %s): chat prompts are their "
+                    "contents joined by newlines, without roles, and data.system_prompt is not used",
+                    chat_template, "one" if getattr(tokenizer, "chat_template", None) else "none")
     out, truncated = [], 0
     for p in prompts:
         if use_template:

@@ -108,7 +108,25 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None, field: str = 
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ModelError(f"{field}: {path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{field}: {path / 'config.json'} is not a JSON object")
     return path
+
+
+def position_limit(model: nn.Module) -> tuple[int | None, bool]:
+    """The longest sequence a model's config gives it positions for (None: no limit
+    stated), and whether those positions are a learned table (GPT-2, OPT, BERT...), which a
+    longer sequence overruns inside the model; rotary or ALiBi positions run past it untrained."""
+    config = model.config
+    limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if isinstance(getattr(config, key, None), int)), None)
+    learned = any(isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in
+                  ("wpe", "embed_positions", "position_embeddings") for name, module in model.named_modules())
+    return limit, learned
 
 
 def load_tokenizer(path: Path, padding_side: str = "left", trust_remote_code: bool = False):

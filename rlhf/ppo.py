@@ -24,18 +24,20 @@ import torch
 from rlhf import algos
 from rlhf.actor_critic import ActorCritic, load_critic_or_head, load_policy_and_reference
 from rlhf.backend import make_backend
-from rlhf.checkpoint import TrainerState, latest_checkpoint, save_checkpoint, save_final
-from rlhf.config import Config, apply_overrides, from_dict, save_config
+from rlhf.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, refuse_fixed_changes, save_checkpoint,
+                             save_final)
+from rlhf.config import Config, ConfigError, apply_overrides, from_dict, read_yaml, save_config
 from rlhf.data import Prompt, PromptStream, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor
 from rlhf.engine import AccelerateEngine, check_data_parallel, make_accelerator
 from rlhf.errors import NonFiniteError, UserInputError
 from rlhf.experience_maker import ExperienceMaker
 from rlhf.generation import Generator, LocalGenerator, decode_responses
-from rlhf.models import load_tokenizer, resolve_model
+from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
+from rlhf.rundir import RunDirectoryError, RunLock, claim_for_new_run, truncate_logs
 from rlhf.step_metrics import step_metrics, write_samples
 from rlhf.updater import Updater
 
@@ -52,7 +54,10 @@ class PPOTrainer:
     engine). Replace `generator` to sample another way.
     """
 
-    def __init__(self, cfg: Config, accelerator=None, *, engine=None, generator: Generator | None = None):
+    def __init__(self, cfg: Config, accelerator=None, *, engine=None, generator: Generator | None = None,
+                 overwrite: bool = False, _resuming: bool = False):
+        """A new run refuses a `train.out_dir` that holds another run unless `overwrite`
+        (which removes that run's files); `resume` builds the trainer with `_resuming`."""
         self.cfg = cfg
         cfg.validate(complete=True)  # also configs built or completed in code
         self.engine = engine or AccelerateEngine(accelerator)
@@ -61,9 +66,6 @@ class PPOTrainer:
         self.backend.setup_process(cfg.train)
         seed_everything(cfg.train.seed + self.engine.rank)  # own samples per process, shared prompt order
         self.out_dir = Path(cfg.train.out_dir)
-        if self.engine.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
         self.tokenizer, self.reward, self.models, self.updater = self._build_models()
         self.generator = generator or LocalGenerator(self.models.unwrapped_policy(), cfg.rollout, self.tokenizer,
                                                      self.backend)
@@ -73,16 +75,39 @@ class PPOTrainer:
                        else algos.FixedKLController(p.kl_coef))
         self.prompts = load_prompts(cfg.data.prompts)
         self.prompt_ids = self._tokenize(self.prompts)
+        check_sequence_length(self.models.unwrapped_policy(), self.prompt_ids, cfg.rollout.max_new_tokens)
         self.stream = PromptStream(len(self.prompts), cfg.train.seed, self.engine.rank, self.engine.world)
         self.judge = import_function(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None
         self.eval_prompts = load_prompts(cfg.eval.prompts) if cfg.eval.prompts else self.prompts
         self.monitor = HealthMonitor(cfg.diagnostics, kl_target=p.kl_target, max_new_tokens=cfg.rollout.max_new_tokens)
         self.step = 0
-        self._stop_requested = False
-        self.engine.register_for_checkpointing(TrainerState(self))
+        self.stop_signal: str | None = None
+        """The name of the signal that stopped `train()` early (None: not stopped)."""
+        self.state = TrainerState(self)
         warn_off_policy(cfg.rollout)
         if p.algo == "a2c" and p.epochs != 1:
             log.warning("ppo.algo=a2c is one pass over each rollout batch: ppo.epochs=%d is ignored", p.epochs)
+        self.run_lock = None  # last: a trainer that failed to build holds no lock and leaves no run behind
+        self._claim_run_dir(None if _resuming else overwrite)
+
+    def _claim_run_dir(self, overwrite: bool | None) -> None:
+        """Lock the run directory (main process) and, for a new run (`overwrite` not None),
+        refuse or clear another run's files and write config.yaml. Every process learns of a
+        refusal, so that none waits for the others at a collective."""
+        problem = None
+        if self.engine.is_main:
+            try:
+                self.run_lock = RunLock(self.out_dir)
+                if overwrite is not None:
+                    claim_for_new_run(self.out_dir, overwrite)
+                    save_config(self.cfg, self.out_dir / "config.yaml")
+            except RunDirectoryError as e:
+                if self.run_lock is not None:
+                    self.run_lock.release()
+                problem = str(e)
+        problems = [p for p in self.engine.gather_objects([problem]) if p]
+        if problems:
+            raise RunDirectoryError(problems[0])
 
     def _build_models(self):
         """Tokenizer, reward, actor-critic and updater, in the order that keeps the random
@@ -120,21 +145,26 @@ class PPOTrainer:
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, accelerator=None) -> "PPOTrainer":
-        """Rebuild the trainer from `run_dir/config.yaml` (plus overrides, e.g. train.steps) and
-        restore the latest complete checkpoint: weights, optimisers, schedules, KL controller,
-        random states and the position in the prompt stream."""
-        import yaml
+        """Rebuild the trainer from `run_dir/config.yaml` and restore the newest checkpoint that
+        verifies: weights, optimisers, schedules, KL controller, random states and the position
+        in the prompt stream. Overrides may change what takes effect on resume (train.steps,
+        logging, evaluation, diagnostics); others are refused by name. config.yaml is
+        rewritten, and the logs cut back to the checkpoint's step, only once it has loaded."""
+        import copy
 
-        config_path = Path(run_dir) / "config.yaml"
+        run_dir = Path(run_dir)
+        config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        data = apply_overrides(yaml.safe_load(config_path.read_text()), list(overrides or []))
-        data["train"]["out_dir"] = str(run_dir)
-        trainer = cls(from_dict(Config, data), accelerator)
-        checkpoint = latest_checkpoint(Path(run_dir))
-        if checkpoint is None:
-            raise UserInputError(f"--resume {run_dir}: no complete checkpoint under checkpoints/")
-        trainer.engine.load_state(str(checkpoint))
+        saved = read_yaml(config_path)
+        saved.setdefault("train", {})["out_dir"] = str(run_dir)  # the directory may have moved
+        cfg = from_dict(Config, apply_overrides(copy.deepcopy(saved), list(overrides or [])))
+        refuse_fixed_changes(from_dict(Config, saved), cfg)
+        trainer = cls(cfg, accelerator, _resuming=True)
+        checkpoint = load_checkpoint(trainer.engine, run_dir, trainer.state)
+        if trainer.engine.is_main:
+            truncate_logs(run_dir, trainer.step)
+            save_config(cfg, config_path)
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
         return trainer
 
@@ -206,14 +236,18 @@ class PPOTrainer:
     # The loop ---------------------------------------------------------------------
 
     def train(self) -> None:
-        """Run until train.steps; Ctrl-C finishes the current step, saves and exits cleanly."""
+        """Run until train.steps. SIGINT (Ctrl-C), SIGTERM or SIGUSR1 finishes the current step,
+        saves a checkpoint and returns with `stop_signal` set; a second signal aborts."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
-        previous = stop_after_step_on_interrupt(self)
+        if self.run_lock is None and self.engine.is_main:  # released by an earlier train()
+            self.run_lock = RunLock(self.out_dir)
+        self.stop_signal = None
+        previous = stop_after_step_on_signal(self)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not cfg.progress or not self.engine.is_main)
         try:
-            while self.step < cfg.steps and not self._stop_requested:
+            while self.step < cfg.steps and not self._stop_now():
                 metrics = self._checked_step()
                 self._write("metrics.jsonl", metrics)
                 for alert in self.monitor.observe(metrics):
@@ -227,7 +261,10 @@ class PPOTrainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
             self.save_checkpoint()
-            if self.step >= cfg.steps:
+            if self.stop_signal is not None:
+                log.warning("stopped by %s after step %d; the checkpoint is saved: continue with "
+                            "`rlhf ppo --resume %s`", self.stop_signal, self.step, self.out_dir)
+            elif self.step >= cfg.steps:
                 self.save_final()
                 if cfg.report and self.engine.is_main:
                     from rlhf.report import write_report
@@ -235,8 +272,19 @@ class PPOTrainer:
                     write_report(self.out_dir)
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
+
+    def _stop_now(self) -> bool:
+        """True once a stop signal arrived; every process stops at the same step (a signal may
+        reach some of them only)."""
+        stop = self.stop_signal is not None
+        if self.engine.world > 1 and self.engine.reduce_mean(float(stop)) > 0 and not stop:
+            self.stop_signal, stop = "a signal to another process", True
+        return stop
 
     def _checked_step(self) -> dict:
         try:
@@ -256,7 +304,8 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Atomic: written into a temporary directory, renamed when complete."""
-        return save_checkpoint(self.engine, self.out_dir, self.step, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.engine, self.out_dir, self.step, self.cfg.train.keep_checkpoints,
+                               self.state.state_dict())
 
     def save_final(self) -> Path:
         """final/policy and final/critic (or final/value_head.safetensors), loadable by plain
@@ -282,24 +331,48 @@ class PPOTrainer:
         return self.models.ref
 
 
+def check_sequence_length(policy, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """The longest prompt plus max_new_tokens must fit the policy's positions: refused for
+    learned position tables (an IndexError deep in the model otherwise), a warning else."""
+    limit, learned = position_limit(policy)
+    longest = max(map(len, prompt_ids))
+    if limit is None or longest + max_new_tokens <= limit:
+        return
+    message = (f"rollout.max_new_tokens: the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens "
+               f"exceeds the policy's {limit} positions")
+    if learned:
+        raise ConfigError(f"{message}; lower data.max_prompt_tokens or rollout.max_new_tokens")
+    log.warning("%s: it was not trained on the positions beyond", message)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def stop_after_step_on_interrupt(trainer: PPOTrainer):
-    """Ctrl-C asks the loop to stop after this step; a second one stops at once. Returns the
-    previous handler (None off the main thread, where signals cannot be caught)."""
-    def request_stop(signum, frame):
-        if trainer._stop_requested:
-            raise KeyboardInterrupt
-        trainer._stop_requested = True
-        log.warning("stopping after this step (Ctrl-C again to abort without saving)")
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+"""Ctrl-C; what SLURM and Kubernetes send before SIGKILL; SLURM's early warning
+(`sbatch --signal=USR1@120`)."""
 
+
+def stop_after_step_on_signal(trainer: PPOTrainer) -> dict:
+    """Each of STOP_SIGNALS asks the loop to stop after this step and save; a second one
+    aborts at once (KeyboardInterrupt). Returns the previous handlers by signal ({} off the
+    main thread, where signals cannot be caught)."""
+    def request_stop(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signal.Signals(signum).name
+        log.warning("%s: stopping after this step and saving a checkpoint (send it again to abort without saving)",
+                    trainer.stop_signal)
+
+    previous = {}
     try:
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, request_stop)
-        return previous
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                previous[signum] = signal.signal(signum, request_stop)
     except ValueError:
-        return None
+        pass
+    return previous
