@@ -167,7 +167,8 @@ def load_critic_or_head(cfg, policy, policy_path, tokenizer, reward):
     else:
         critic_path = resolve_model(cfg.model.critic, cfg.model.cache_dir, field="model.critic")
     critic = load_critic(critic_path, from_reward, cfg.model.trust_remote_code)
-    enable_activation_checkpointing(critic, cfg.model.gradient_checkpointing)
+    # A TrunkValueModel checkpoints its base model.
+    enable_activation_checkpointing(getattr(critic, "trunk", critic), cfg.model.gradient_checkpointing)
     if load_tokenizer(critic_path, "left", cfg.model.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise UserInputError(f"model.critic: {critic_path} has another tokenizer than the policy")
     return critic, None

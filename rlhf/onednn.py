@@ -37,11 +37,20 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b by oneDNN, for x of any leading shape."""
-    y = _matmul_t(x.reshape(-1, x.shape[-1]).contiguous(), weight)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    """x W^T + b by oneDNN, for 2-D x."""
+    y = _matmul_t(x.contiguous(), weight)
+    return y + bias if bias is not None else y
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unrows(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 2-D output of a Function back in the leading shape of its input. Reshaped out
+    here, not inside the Function: autograd forbids in-place changes (Falcon adds to its
+    MLP's output in place) to a view created inside a custom Function."""
+    return y.reshape(*like.shape[:-1], y.shape[-1])
 
 
 def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple) -> tuple:
@@ -56,7 +65,7 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with all three matmuls (y, dL/dx, dL/dW) by oneDNN."""
+    """y = x W^T + b with all three matmuls (y, dL/dx, dL/dW) by oneDNN; x is 2-D."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -72,7 +81,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class _OneDNNGatedDown(torch.autograd.Function):
-    """y = down(act(gate) * up) for the outputs `gate` and `up` of a gated MLP's first two
+    """y = down(act(gate) * up) for the 2-D outputs `gate` and `up` of a gated MLP's first two
     projections. The backward pass gets `gate` and `up` only and recomputes h = act(gate) *
     up from them; autograd would keep act(gate) and h as well. The matmuls are those of
     _OneDNNLinear and act's and the product's gradients are autograd's own, so every
@@ -104,7 +113,7 @@ def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if _runs_onednn(x, self.weight):
-        return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return _unrows(_OneDNNLinear.apply(_rows(x), self.weight, self.bias), x)
     return F.linear(x, self.weight, self.bias)
 
 
@@ -113,7 +122,7 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Without gradients (scoring, or decoding with prepacked weights) the plain path: the
     # down projection's own forward, nothing kept.
     if isinstance(down, nn.Linear) and _runs_onednn(gate, down.weight) and torch.is_grad_enabled():
-        return _OneDNNGatedDown.apply(gate, up, down.weight, down.bias, self.act_fn)
+        return _unrows(_OneDNNGatedDown.apply(_rows(gate), _rows(up), down.weight, down.bias, self.act_fn), gate)
     return down(self.act_fn(gate) * up)
 
 

@@ -468,3 +468,58 @@ def test_yaml_errors_name_the_file_and_bench_names_a_missing_config(tmp_path, ca
     assert main(["bench", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert "missing.yaml: not found" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# 8. Architectures: a separate critic where transformers has no token classifier; Falcon
+# ------------------------------------------------------------------------------------------
+
+_BASE = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+             max_position_embeddings=64)
+ARCHITECTURES = {
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 word_embed_proj_dim=16, max_position_embeddings=64)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _BASE),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", _BASE),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(_BASE, num_experts=4, num_experts_per_tok=2)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_BASE, head_dim=8, sliding_window=16)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_a_separate_critic_trains_on_every_architecture(workdir, arch):
+    """OPT, OLMo 2, Granite, OLMoE and Gemma 3 have no token-classification class: their
+    critic is the base model plus a value head, saved as a base-model directory and
+    value_head.safetensors. Falcon adds to its MLP output in place, which the oneDNN linear
+    layers of fp32 full fine-tuning allow."""
+    import transformers
+    from safetensors.torch import load_file
+    from tiny import tiny_tokenizer
+
+    from rlhf.models import TrunkValueModel
+
+    config_cls, model_cls, sizes = ARCHITECTURES[arch]
+    policy_dir = workdir / arch
+    tok = tiny_tokenizer(policy_dir)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **sizes)
+    getattr(transformers, model_cls)(config).save_pretrained(policy_dir)
+    trainer = PPOTrainer(small(workdir, policy_dir, model__critic="policy", train__steps=2, ppo__lr=1e-3))
+    start = {k: v.clone() for k, v in trainer.models.unwrapped_policy().state_dict().items()}
+    trainer.train()
+    moved = trainer.models.unwrapped_policy().state_dict()
+    assert any(not torch.equal(start[k], moved[k]) for k in start)
+    final = workdir / "run" / "final" / "critic"
+    critic = trainer.accelerator.unwrap_model(trainer.critic)
+    if arch == "falcon":
+        assert transformers.AutoModelForTokenClassification.from_pretrained(final).config.num_labels == 1
+        return
+    assert isinstance(critic, TrunkValueModel)
+    assert critic.score.weight.abs().sum() > 0  # the zero head learned
+    torch.testing.assert_close(load_file(str(final / "value_head.safetensors"))["weight"], critic.score.weight)
+    reloaded = TrunkValueModel.from_pretrained(final)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, critic(ids).logits, rtol=1e-5, atol=1e-5)
