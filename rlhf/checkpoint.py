@@ -101,6 +101,23 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def resume_config(run_dir: Path, overrides: list[str]):
+    """The config a run resumes with: its config.yaml plus `overrides`, validated, and
+    refused (naming the fields) where an override could not take effect."""
+    import copy
+
+    from rlhf.config import Config, apply_overrides, from_dict, read_yaml
+
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+    saved = read_yaml(config_path)
+    saved.setdefault("train", {})["out_dir"] = str(run_dir)  # the directory may have moved
+    cfg = from_dict(Config, apply_overrides(copy.deepcopy(saved), overrides))
+    refuse_fixed_changes(from_dict(Config, saved), cfg)
+    return cfg
+
+
 def refuse_fixed_changes(saved, wanted) -> None:
     """Raise naming every override that a resumed run could not honour (the run's config
     would claim a value its checkpoint does not have); log the ones that take effect."""

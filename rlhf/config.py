@@ -22,6 +22,7 @@ import yaml
 
 from rlhf.diagnostics import DiagnosticsConfig
 from rlhf.errors import ConfigError, UserInputError
+from rlhf.tracking import TRACKERS
 
 __all__ = ["Config", "ConfigError", "UserInputError", "load_config", "from_dict", "apply_overrides", "save_config",
            "read_yaml"]
@@ -261,6 +262,11 @@ class TrainConfig:
     """Write report.html at the end of training."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get the config and every metrics row (same names, same
+    steps): any of tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive,
+    swanlab (Accelerate's trackers; each needs its package). None by default. TensorBoard
+    writes under out_dir/tracking."""
 
 
 @dataclass
@@ -295,6 +301,9 @@ class Config:
         if mb % micro:
             raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
         cfg.diagnostics.validate()
+        unknown = [name for name in cfg.train.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.report_to: expected names among {', '.join(TRACKERS)}, got {unknown[0]!r}")
         for field_name, registry in (("algo", algos.POLICY_LOSSES), ("advantage", algos.ADVANTAGE_ESTIMATORS)):
             if getattr(cfg.ppo, field_name) not in registry:
                 raise ConfigError(f"ppo.{field_name}: expected one of {', '.join(map(repr, registry))}, "

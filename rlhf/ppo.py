@@ -24,9 +24,9 @@ import torch
 from rlhf import algos
 from rlhf.actor_critic import ActorCritic, load_critic_or_head, load_policy_and_reference
 from rlhf.backend import make_backend
-from rlhf.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, refuse_fixed_changes, save_checkpoint,
+from rlhf.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, resume_config, save_checkpoint,
                              save_final)
-from rlhf.config import Config, ConfigError, apply_overrides, from_dict, read_yaml, save_config
+from rlhf.config import Config, ConfigError, save_config, to_dict
 from rlhf.data import Prompt, PromptStream, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor
 from rlhf.engine import AccelerateEngine, check_data_parallel, make_accelerator
@@ -37,8 +37,9 @@ from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
-from rlhf.rundir import RunDirectoryError, RunLock, claim_for_new_run, truncate_logs
+from rlhf.rundir import RunLock, own_run_dir, truncate_logs
 from rlhf.step_metrics import step_metrics, write_samples
+from rlhf.tracking import Trackers
 from rlhf.updater import Updater
 
 __all__ = ["PPOTrainer", "NonFiniteError", "latest_checkpoint", "make_accelerator", "check_data_parallel"]
@@ -87,27 +88,9 @@ class PPOTrainer:
         warn_off_policy(cfg.rollout)
         if p.algo == "a2c" and p.epochs != 1:
             log.warning("ppo.algo=a2c is one pass over each rollout batch: ppo.epochs=%d is ignored", p.epochs)
-        self.run_lock = None  # last: a trainer that failed to build holds no lock and leaves no run behind
-        self._claim_run_dir(None if _resuming else overwrite)
-
-    def _claim_run_dir(self, overwrite: bool | None) -> None:
-        """Lock the run directory (main process) and, for a new run (`overwrite` not None),
-        refuse or clear another run's files and write config.yaml. Every process learns of a
-        refusal, so that none waits for the others at a collective."""
-        problem = None
-        if self.engine.is_main:
-            try:
-                self.run_lock = RunLock(self.out_dir)
-                if overwrite is not None:
-                    claim_for_new_run(self.out_dir, overwrite)
-                    save_config(self.cfg, self.out_dir / "config.yaml")
-            except RunDirectoryError as e:
-                if self.run_lock is not None:
-                    self.run_lock.release()
-                problem = str(e)
-        problems = [p for p in self.engine.gather_objects([problem]) if p]
-        if problems:
-            raise RunDirectoryError(problems[0])
+        # Last: a trainer that failed to build holds no lock and leaves no run behind.
+        self.run_lock = own_run_dir(self.engine, self.out_dir, None if _resuming else overwrite,
+                                    lambda: save_config(cfg, self.out_dir / "config.yaml"))
 
     def _build_models(self):
         """Tokenizer, reward, actor-critic and updater, in the order that keeps the random
@@ -150,21 +133,13 @@ class PPOTrainer:
         in the prompt stream. Overrides may change what takes effect on resume (train.steps,
         logging, evaluation, diagnostics); others are refused by name. config.yaml is
         rewritten, and the logs cut back to the checkpoint's step, only once it has loaded."""
-        import copy
-
         run_dir = Path(run_dir)
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        saved = read_yaml(config_path)
-        saved.setdefault("train", {})["out_dir"] = str(run_dir)  # the directory may have moved
-        cfg = from_dict(Config, apply_overrides(copy.deepcopy(saved), list(overrides or [])))
-        refuse_fixed_changes(from_dict(Config, saved), cfg)
+        cfg = resume_config(run_dir, list(overrides or []))
         trainer = cls(cfg, accelerator, _resuming=True)
         checkpoint = load_checkpoint(trainer.engine, run_dir, trainer.state)
         if trainer.engine.is_main:
             truncate_logs(run_dir, trainer.step)
-            save_config(cfg, config_path)
+            save_config(cfg, run_dir / "config.yaml")
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
         return trainer
 
@@ -244,20 +219,13 @@ class PPOTrainer:
         if self.run_lock is None and self.engine.is_main:  # released by an earlier train()
             self.run_lock = RunLock(self.out_dir)
         self.stop_signal = None
+        trackers = (Trackers(cfg.report_to, self.out_dir, to_dict(self.cfg), self.step)
+                    if cfg.report_to and self.engine.is_main else None)
         previous = stop_after_step_on_signal(self)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not cfg.progress or not self.engine.is_main)
         try:
-            while self.step < cfg.steps and not self._stop_now():
-                metrics = self._checked_step()
-                self._write("metrics.jsonl", metrics)
-                for alert in self.monitor.observe(metrics):
-                    self._write("alerts.jsonl", alert.as_dict())
-                    bar.write(f"[{alert.severity}] step {alert.step} {alert.check}: {alert.message}")
-                    if alert.severity == "error":
-                        raise NonFiniteError(alert.message)
-                bar.update(1)
-                bar.set_postfix({"score": f"{metrics['reward/score_mean']:.3f}", "kl": f"{metrics['kl/ref_mean']:.3f}",
-                                 "len": f"{metrics['response/length_mean']:.1f}"})
+            while self.step < cfg.steps and not stop_agreed(self):
+                log_step(self, self._checked_step(), bar, trackers)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
             self.save_checkpoint()
@@ -272,19 +240,13 @@ class PPOTrainer:
                     write_report(self.out_dir)
         finally:
             bar.close()
+            if trackers is not None:
+                trackers.finish()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if self.run_lock is not None:
                 self.run_lock.release()
                 self.run_lock = None
-
-    def _stop_now(self) -> bool:
-        """True once a stop signal arrived; every process stops at the same step (a signal may
-        reach some of them only)."""
-        stop = self.stop_signal is not None
-        if self.engine.world > 1 and self.engine.reduce_mean(float(stop)) > 0 and not stop:
-            self.stop_signal, stop = "a signal to another process", True
-        return stop
 
     def _checked_step(self) -> dict:
         try:
@@ -331,6 +293,22 @@ class PPOTrainer:
         return self.models.ref
 
 
+def log_step(trainer: PPOTrainer, metrics: dict, bar, trackers: Trackers | None) -> None:
+    """metrics.jsonl, the trackers, the health checks (alerts.jsonl; an error stops the
+    run) and the progress bar."""
+    trainer._write("metrics.jsonl", metrics)
+    if trackers is not None:
+        trackers.log(metrics)
+    for alert in trainer.monitor.observe(metrics):
+        trainer._write("alerts.jsonl", alert.as_dict())
+        bar.write(f"[{alert.severity}] step {alert.step} {alert.check}: {alert.message}")
+        if alert.severity == "error":
+            raise NonFiniteError(alert.message)
+    bar.update(1)
+    bar.set_postfix({"score": f"{metrics['reward/score_mean']:.3f}", "kl": f"{metrics['kl/ref_mean']:.3f}",
+                     "len": f"{metrics['response/length_mean']:.1f}"})
+
+
 def check_sequence_length(policy, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
     """The longest prompt plus max_new_tokens must fit the policy's positions: refused for
     learned position tables (an IndexError deep in the model otherwise), a warning else."""
@@ -354,6 +332,15 @@ def seed_everything(seed: int) -> None:
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 """Ctrl-C; what SLURM and Kubernetes send before SIGKILL; SLURM's early warning
 (`sbatch --signal=USR1@120`)."""
+
+
+def stop_agreed(trainer: PPOTrainer) -> bool:
+    """True once a stop signal arrived; every process stops at the same step (a signal may
+    reach some of them only)."""
+    stop = trainer.stop_signal is not None
+    if trainer.engine.world > 1 and trainer.engine.reduce_mean(float(stop)) > 0 and not stop:
+        trainer.stop_signal, stop = "a signal to another process", True
+    return stop
 
 
 def stop_after_step_on_signal(trainer: PPOTrainer) -> dict:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 LOGS = ("metrics.jsonl", "alerts.jsonl", "samples.jsonl", "tokens.jsonl")
 """The per-step logs: JSON lines, each with a `step`."""
-RUN_FILES = ("config.yaml", *LOGS, "checkpoints", "final", "report.html", "plots")
+RUN_FILES = ("config.yaml", *LOGS, "checkpoints", "final", "report.html", "plots", "tracking")
 """What a run writes; `overwrite` removes exactly these."""
 
 
@@ -87,6 +87,27 @@ class RunLock:
         if not self._file.closed:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+
+
+def own_run_dir(engine, run_dir: Path, overwrite: bool | None, write_config) -> RunLock | None:
+    """Lock `run_dir` (on the main process; the lock is returned) and, for a new run
+    (`overwrite` not None), refuse or clear another run's files, then `write_config()`.
+    Every process learns of a refusal, so that none waits for the others at a collective."""
+    problem, lock = None, None
+    if engine.is_main:
+        try:
+            lock = RunLock(run_dir)
+            if overwrite is not None:
+                claim_for_new_run(run_dir, overwrite)
+                write_config()
+        except RunDirectoryError as e:
+            if lock is not None:
+                lock.release()
+            problem = str(e)
+    problems = [p for p in engine.gather_objects([problem]) if p]
+    if problems:
+        raise RunDirectoryError(problems[0])
+    return lock
 
 
 def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:

@@ -523,3 +523,44 @@ def test_a_separate_critic_trains_on_every_architecture(workdir, arch):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, critic(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Experiment tracking through Accelerate's trackers
+# ------------------------------------------------------------------------------------------
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list] = {}
+    for directory in sorted({events.parent for events in (run / "tracking").rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(directory))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    return out
+
+
+def test_tensorboard_gets_the_metrics_rows_under_their_names(workdir, tiny_policy_dir):
+    pytest.importorskip("tensorboard")
+    run = workdir / "run"
+    PPOTrainer(small(workdir, tiny_policy_dir, train__steps=3, train__save_every=2, train__keep_checkpoints=5,
+                     train__report_to=["tensorboard"])).train()
+    logged = _scalars(run)
+    for row in rows(run / "metrics.jsonl"):
+        for key in ("reward/score_mean", "kl/ref_mean", "policy/entropy"):
+            assert (row["step"], pytest.approx(row[key], rel=1e-6, abs=1e-7)) in logged[key]
+    assert [s for s, _ in logged["reward/score_mean"]] == [1, 2, 3]
+    # Resumed from step 2 (as if killed before saving step 3): step 3 is logged again, once.
+    shutil.rmtree(run / "checkpoints" / "step-000003")
+    PPOTrainer.resume(run, ["train.steps=4"]).train()
+    logged = _scalars(run)
+    assert [s for s, _ in logged["reward/score_mean"]] == [1, 2, 3, 4]
+    assert [v for _, v in logged["reward/score_mean"]] == pytest.approx(
+        [r["reward/score_mean"] for r in rows(run / "metrics.jsonl")], rel=1e-6, abs=1e-7)
+
+
+def test_unknown_tracker_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"train\.report_to: expected names among tensorboard, wandb.*got 'tensorbored'"):
+        load_config(Config, None, ["train.report_to=[tensorbored]"])
