@@ -306,7 +306,9 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
     policy = models.unwrapped_policy()
     if lora:
         atomic_save_pretrained([policy], final / "adapter")
-        policy = copy.deepcopy(policy).merge_and_unload()
+        # Merged in fp32 (a bf16 run stores its frozen base in bf16, where W + dW would round
+        # most of a small update away), and saved all in fp32, like the master weights.
+        policy = copy.deepcopy(policy).float().merge_and_unload()
     atomic_save_pretrained([policy, tokenizer], final / "policy")
     if models.critic is not None:
         atomic_save_pretrained([engine.unwrap(models.critic), tokenizer], final / "critic")

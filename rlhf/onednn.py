@@ -165,11 +165,19 @@ def _merged_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _adapters(module: nn.Module, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scaling) of each active LoRA adapter of `module`, in `dtype`."""
+    return [(module.lora_A[a].weight.detach().to(dtype), module.lora_B[a].weight.detach().to(dtype), module.scaling[a])
+            for a in module.active_adapters if a in module.lora_A]
+
+
 def _packed_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    packed, dtype = self._rlhf_packed
+    packed, dtype, adapters = self._rlhf_packed
     bias = getattr(self, "base_layer", self).bias
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype).contiguous(), packed,
-                                           None if bias is None else bias.to(dtype), "none", [], "")
+    rows = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(rows, packed, None if bias is None else bias.to(dtype), "none", [], "")
+    for a, b, scaling in adapters:
+        y = y + (rows @ a.t()) @ b.t() * scaling
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -186,18 +194,25 @@ def packed_for_decoding(model: nn.Module, batch: int, dtype: torch.dtype):
         for module in model.modules():
             if id(module) in inside_lora:
                 continue
+            adapters = []
             if _is_lora_linear(module):
-                # A LoRA layer decodes with its merged weight W + scaling * B A: one matmul
-                # instead of three and the adapter's bookkeeping, for every layer and token.
-                weight = _merged_weight(module)
                 inside_lora.update(id(m) for m in module.modules())
+                if dtype == torch.float32:
+                    # fp32 decodes with the merged weight W + scaling * B A: one matmul instead
+                    # of three and the adapter's bookkeeping, for every layer and token.
+                    weight = _merged_weight(module)
+                else:
+                    # bf16 keeps 8 bits of mantissa: W + dW rounded to bf16 loses most of a
+                    # small update dW, and the sampler would draw from (nearly) the base
+                    # policy. The adapter stays apart, as in training.
+                    weight, adapters = module.base_layer.weight.detach(), _adapters(module, dtype)
             elif isinstance(module, nn.Linear):
                 weight = module.weight.detach()
             else:
                 continue
             if weight.device.type != "cpu":
                 continue
-            module._rlhf_packed = (torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch), dtype)
+            module._rlhf_packed = (torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch), dtype, adapters)
             patched.append((module, module.__dict__.get("forward")))
             module.forward = types.MethodType(_packed_forward, module)
         yield

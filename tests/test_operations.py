@@ -564,3 +564,48 @@ def test_tensorboard_gets_the_metrics_rows_under_their_names(workdir, tiny_polic
 def test_unknown_tracker_is_refused_at_load():
     with pytest.raises(ConfigError, match=r"train\.report_to: expected names among tensorboard, wandb.*got 'tensorbored'"):
         load_config(Config, None, ["train.report_to=[tensorbored]"])
+
+
+@pytest.mark.skipif(not __import__("rlhf.onednn").onednn.available(), reason="this torch build has no oneDNN linear")
+def test_bf16_lora_decoding_keeps_the_adapters_update():
+    """bf16 keeps 8 bits of mantissa: decoding with W + dW merged into bf16 rounds a small
+    update away and samples from (nearly) the base policy. The decoding weights keep the
+    adapter apart, so decoding computes what the training forward computes."""
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_llama
+
+    from rlhf.backend import frozen_linears_to_bf16
+    from rlhf.onednn import packed_for_decoding
+
+    model = get_peft_model(tiny_llama(vocab_size=64, hidden=64, layers=2),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=1e-4)  # a small trained update: |dW| ~ 1e-3 |W|, below bf16 rounding
+    frozen_linears_to_bf16(model)
+    ids = torch.randint(0, 64, (4, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.float()
+        with packed_for_decoding(model, ids.numel(), torch.bfloat16):
+            decoded = model(input_ids=ids).logits.float()
+    update = (trained - base).abs().mean()
+    assert update > 0
+    assert (decoded - trained).abs().mean() < 0.25 * update
+
+
+def test_a_bf16_lora_run_saves_a_float32_merged_policy(workdir, tiny_policy_dir):
+    from safetensors.torch import load_file
+
+    cfg = small(workdir, tiny_policy_dir, model__lora=True, model__lora_r=4, model__dtype="bfloat16", ppo__lr=1e-2,
+                train__steps=2)
+    trainer = PPOTrainer(cfg)
+    trainer.train()
+    merged = load_file(str(workdir / "run" / "final" / "policy" / "model.safetensors"))
+    assert {t.dtype for t in merged.values()} == {torch.float32}
+    policy = trainer.models.unwrapped_policy()
+    layer = policy.base_model.model.model.layers[0].self_attn.q_proj
+    expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
+    torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected)
