@@ -108,8 +108,12 @@ class RewardConfig:
 @dataclass
 class DataConfig:
     prompts: str = ""
-    """Prompts: a JSONL file (`prompt` field or chat `messages`), a text file (one prompt a
-    line), or a directory saved with `datasets.save_to_disk`."""
+    """Prompts: a JSONL or JSON file (`prompt` field or chat `messages`), a Parquet or CSV
+    table, a directory saved with `datasets.save_to_disk`, or a text file (one prompt a
+    line)."""
+    prompt_column: str = "prompt"
+    """The field or column holding the prompt text (records with chat `messages` need no
+    column when this is `prompt`)."""
     max_prompt_tokens: int = 128
     """Prompts longer than this are truncated from the left (one warning says how many)."""
     chat_template: bool = True

@@ -74,12 +74,13 @@ class PPOTrainer:
         p = cfg.ppo
         self.kl_ctl = (algos.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
                        else algos.FixedKLController(p.kl_coef))
-        self.prompts = load_prompts(cfg.data.prompts)
+        self.prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
         self.prompt_ids = self._tokenize(self.prompts)
         check_sequence_length(self.models.unwrapped_policy(), self.prompt_ids, cfg.rollout.max_new_tokens)
         self.stream = PromptStream(len(self.prompts), cfg.train.seed, self.engine.rank, self.engine.world)
         self.judge = import_function(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None
-        self.eval_prompts = load_prompts(cfg.eval.prompts) if cfg.eval.prompts else self.prompts
+        self.eval_prompts = (load_prompts(cfg.eval.prompts, cfg.data.prompt_column) if cfg.eval.prompts
+                             else self.prompts)
         self.monitor = HealthMonitor(cfg.diagnostics, kl_target=p.kl_target, max_new_tokens=cfg.rollout.max_new_tokens)
         self.step = 0
         self.stop_signal: str | None = None

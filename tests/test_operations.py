@@ -609,3 +609,44 @@ def test_a_bf16_lora_run_saves_a_float32_merged_policy(workdir, tiny_policy_dir)
     layer = policy.base_model.model.model.layers[0].self_attn.q_proj
     expected = layer.base_layer.weight.float() + layer.get_delta_weight("default").float()
     torch.testing.assert_close(merged["model.layers.0.self_attn.q_proj.weight"], expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Prompts from the formats people keep them in
+# ------------------------------------------------------------------------------------------
+
+
+def test_prompts_from_json_parquet_csv_and_a_named_column(tmp_path):
+    import datasets
+
+    from rlhf.data import DataError, load_prompts
+
+    texts = ["first prompt", "second, with a comma", "third"]
+    (tmp_path / "p.json").write_text(json.dumps([{"prompt": t} for t in texts]))
+    datasets.Dataset.from_dict({"question": texts, "id": [1, 2, 3]}).to_parquet(str(tmp_path / "p.parquet"))
+    datasets.Dataset.from_dict({"question": texts}).to_csv(str(tmp_path / "p.csv"), index=False)
+    assert [p.text for p in load_prompts(tmp_path / "p.json")] == texts
+    assert [p.text for p in load_prompts(tmp_path / "p.parquet", "question")] == texts
+    assert [p.text for p in load_prompts(tmp_path / "p.csv", "question")] == texts
+    with pytest.raises(DataError, match=r"p\.parquet row 0: expected a `prompt` or `messages` field, found \['id', 'question'\]"):
+        load_prompts(tmp_path / "p.parquet")
+    (tmp_path / "bad.json").write_text('[{"prompt": "a"}, "b"]')
+    with pytest.raises(DataError, match=r"bad\.json item 1: expected a JSON object, got str"):
+        load_prompts(tmp_path / "bad.json")
+
+
+def test_chat_prompts_without_a_chat_template_are_warned_about(tmp_path, caplog):
+    from tiny import tiny_tokenizer
+
+    from rlhf.data import load_prompts, tokenize_prompts
+
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    prompts = load_prompts(tmp_path / "c.jsonl")
+    tokenizer = tiny_tokenizer()
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        tokenize_prompts(prompts, tokenizer, 64, chat_template=True)
+    assert "no chat template" not in caplog.text
+    tokenizer.chat_template = None
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        tokenize_prompts(prompts, tokenizer, 64, chat_template=True, system_prompt="be brief")
+    assert "chat prompts are their contents joined by newlines, without roles" in caplog.text
