@@ -348,8 +348,17 @@ def atomic_save_pretrained(objs: list, target: Path) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    for obj in objs:
-        obj.save_pretrained(tmp)
+    try:
+        for obj in objs:
+            obj.save_pretrained(tmp)
+    except Exception as e:
+        from rlhf.rundir import write_failure
+
+        error = write_failure(target, e, previous=target if target.exists() else None)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from None
+        raise
     if target.exists():
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

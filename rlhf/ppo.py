@@ -37,7 +37,7 @@ from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
-from rlhf.rundir import RunLock, own_run_dir, truncate_logs
+from rlhf.rundir import RunLock, own_run_dir, truncate_logs, write_failure
 from rlhf.step_metrics import step_metrics, write_samples
 from rlhf.tracking import Trackers
 from rlhf.updater import Updater
@@ -262,8 +262,11 @@ class PPOTrainer:
         if self.engine.is_main:
             import json
 
-            with open(self.out_dir / name, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.out_dir / name, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise write_failure(self.out_dir / name, e, partial=False) from None
 
     def save_checkpoint(self) -> Path:
         """Atomic: written into a temporary directory, renamed when complete."""

@@ -41,24 +41,25 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def write_failure(target: Path, error: BaseException, previous: Path | None = None) -> WriteError | None:
+def write_failure(target: Path, error: BaseException, previous: Path | None = None,
+                  partial: bool = True) -> WriteError | None:
     """The one-line error for a failed write of `target`, or None when `error` is not a write
     failure. Call it before the partial files are removed: a full disk reads as full only
     while they take the space. torch's zip writer reports a full disk as "unexpected pos"
-    or "PytorchStreamWriter failed", safetensors as an I/O error: the free space decides."""
+    or "PytorchStreamWriter failed", safetensors as an I/O error: the free space decides.
+    `partial`: the caller removes what it had written (said in the message)."""
     text = str(error)
     free = _free_bytes(target)
-    disk_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or free < 64 * 1024
-    writer = isinstance(error, OSError) or any(s in text for s in ("unexpected pos", "PytorchStreamWriter", "I/O error"))
-    kept = f"; {previous} is intact" if previous is not None else ""
-    if disk_full:
-        return WriteError(f"{target}: the disk is full ({free} bytes free); the partial files were removed{kept}; "
+    said_full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text
+    if not (said_full or isinstance(error, OSError) or any(s in text for s in ("unexpected pos", "PytorchStreamWriter",
+                                                                              "I/O error", "IoError"))):
+        return None
+    kept = ("; the partial files were removed" if partial else "") + (f"; {previous} is intact" if previous else "")
+    if said_full or free < 64 * 1024:
+        return WriteError(f"{target}: the disk is full ({free} bytes free){kept}; "
                           "free some space (or lower train.keep_checkpoints) and continue with `rlhf ppo --resume`")
-    if writer:
-        cause = text.splitlines()[0] if text else type(error).__name__
-        return WriteError(f"{target}: writing failed ({type(error).__name__}: {cause}); "
-                          f"the partial files were removed{kept}")
-    return None
+    cause = text.splitlines()[0] if text else type(error).__name__
+    return WriteError(f"{target}: writing failed ({type(error).__name__}: {cause}){kept}")
 
 
 class RunLock:

@@ -357,6 +357,31 @@ def test_a_full_disk_is_named_and_the_partial_checkpoint_removed(workdir, tiny_p
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def test_another_write_failure_is_one_line_and_leaves_no_partial_checkpoint(workdir, tiny_policy_dir):
+    """A file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with
+    EFBIG) stops the first checkpoint's weights half-way: one line naming the path and the
+    cause, exit status 2, no temporary directory left."""
+    import resource
+
+    (workdir / "c.yaml").write_text(textwrap.dedent(f"""\
+        model: {{policy: {tiny_policy_dir}}}
+        reward: {{function: ops_rewards:share_of_a}}
+        data: {{prompts: {workdir / 'prompts.txt'}, chat_template: false}}
+        rollout: {{batch_size: 2, max_new_tokens: 4}}
+        train: {{steps: 1, out_dir: {workdir / 'run'}, progress: false, report: false, threads: 1}}
+        """))
+    limit = 64 * 1024  # below the tiny models' weights, above every log line
+    process = subprocess.run(
+        [sys.executable, "-m", "rlhf", "ppo", str(workdir / "c.yaml")], cwd=workdir, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{workdir}"}, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY)))
+    assert process.returncode == 2, process.stderr[-2000:]
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlhf ppo: error: ") and "step-000001: writing failed (" in last, last
+    assert "Traceback" not in process.stderr
+    assert not list((workdir / "run" / "checkpoints").glob(".tmp-*")) and latest_checkpoint(workdir / "run") is None
+
+
 # ------------------------------------------------------------------------------------------
 # 6. Values that do damage are refused at load, by field
 # ------------------------------------------------------------------------------------------
