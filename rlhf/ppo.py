@@ -37,7 +37,7 @@ from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
-from rlhf.rundir import RunLock, own_run_dir, truncate_logs, write_failure
+from rlhf.rundir import RunLock, append_row, own_run_dir, truncate_logs
 from rlhf.step_metrics import step_metrics, write_samples
 from rlhf.tracking import Trackers
 from rlhf.updater import Updater
@@ -83,8 +83,7 @@ class PPOTrainer:
                              else self.prompts)
         self.monitor = HealthMonitor(cfg.diagnostics, kl_target=p.kl_target, max_new_tokens=cfg.rollout.max_new_tokens)
         self.step = 0
-        self.stop_signal: str | None = None
-        """The name of the signal that stopped `train()` early (None: not stopped)."""
+        self.stop_signal: str | None = None  # the name of the signal that stopped train() early
         self.state = TrainerState(self)
         warn_off_policy(cfg.rollout)
         if p.algo == "a2c" and p.epochs != 1:
@@ -137,7 +136,12 @@ class PPOTrainer:
         run_dir = Path(run_dir)
         cfg = resume_config(run_dir, list(overrides or []))
         trainer = cls(cfg, accelerator, _resuming=True)
-        checkpoint = load_checkpoint(trainer.engine, run_dir, trainer.state)
+        try:
+            checkpoint = load_checkpoint(trainer.engine, run_dir, trainer.state)
+        except BaseException:
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
+            raise
         if trainer.engine.is_main:
             truncate_logs(run_dir, trainer.step)
             save_config(cfg, run_dir / "config.yaml")
@@ -219,12 +223,11 @@ class PPOTrainer:
         cfg = self.cfg.train
         if self.run_lock is None and self.engine.is_main:  # released by an earlier train()
             self.run_lock = RunLock(self.out_dir)
-        self.stop_signal = None
-        trackers = (Trackers(cfg.report_to, self.out_dir, to_dict(self.cfg), self.step)
-                    if cfg.report_to and self.engine.is_main else None)
-        previous = stop_after_step_on_signal(self)
+        self.stop_signal, trackers, previous = None, None, stop_after_step_on_signal(self)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not cfg.progress or not self.engine.is_main)
         try:
+            if cfg.report_to and self.engine.is_main:
+                trackers = Trackers(cfg.report_to, self.out_dir, to_dict(self.cfg), self.step)
             while self.step < cfg.steps and not stop_agreed(self):
                 log_step(self, self._checked_step(), bar, trackers)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
@@ -260,13 +263,7 @@ class PPOTrainer:
 
     def _write(self, name: str, row: dict) -> None:
         if self.engine.is_main:
-            import json
-
-            try:
-                with open(self.out_dir / name, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError as e:
-                raise write_failure(self.out_dir / name, e, partial=False) from None
+            append_row(self.out_dir / name, row)
 
     def save_checkpoint(self) -> Path:
         """Atomic: written into a temporary directory, renamed when complete."""

@@ -131,6 +131,15 @@ def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:
             path.unlink()
 
 
+def append_row(path: Path, row: dict) -> None:
+    """One JSON line appended to a log; a failed write (a full disk) is one line."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise write_failure(path, e, partial=False) from None
+
+
 def truncate_logs(run_dir: Path, step: int) -> dict[str, int]:
     """Drop the rows after `step` from every per-step log (written by steps the checkpoint
     does not hold, which the resumed run writes again); returns the rows dropped per file.
