@@ -140,7 +140,7 @@ def wait_for_steps(process, metrics: Path, n: int, timeout: float = 180.0) -> No
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_a_stop_signal_finishes_the_step_saves_and_exits_75(workdir, tiny_policy_dir, signum):
     run = workdir / "run"
     process = start_cli_run(workdir, tiny_policy_dir)
