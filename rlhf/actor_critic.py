@@ -8,6 +8,7 @@ and `train_forward` hands it back instead of recomputing the same numbers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 
 from rlhf.experience import Rollout
 from rlhf.rollout import critic_forward, policy_forward
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,19 +150,25 @@ def load_critic_or_head(cfg, policy, policy_path, tokenizer, reward):
         head = nn.Linear(policy.config.hidden_size, 1)
         init_value_head(head)
         return None, head
-    from_reward = cfg.model.critic == "reward"
+    choice = cfg.model.critic
+    if choice == "auto":
+        choice = "reward" if reward.model is not None and reward.same_tokenizer else "policy"
+        log.info("model.critic=auto: the critic starts from the %s", "reward model's backbone" if choice == "reward"
+                 else "policy (no reward model with the policy's tokenizer)")
+    from_reward = choice == "reward"
     if from_reward:
         if reward.model is None or not reward.same_tokenizer:
             raise UserInputError(
                 "model.critic=reward needs a reward model with the policy's tokenizer (values are read "
-                "per policy token); use model.critic=policy or a directory")
+                "per policy token); use model.critic=auto, policy or a directory")
         critic_path = reward.path
-    elif cfg.model.critic == "policy":
+    elif choice == "policy":
         critic_path = policy_path
     else:
         critic_path = resolve_model(cfg.model.critic, cfg.model.cache_dir, field="model.critic")
     critic = load_critic(critic_path, from_reward, cfg.model.trust_remote_code)
-    enable_activation_checkpointing(critic, cfg.model.gradient_checkpointing)
+    # A TrunkValueModel checkpoints its base model.
+    enable_activation_checkpointing(getattr(critic, "trunk", critic), cfg.model.gradient_checkpointing)
     if load_tokenizer(critic_path, "left", cfg.model.trust_remote_code).get_vocab() != tokenizer.get_vocab():
         raise UserInputError(f"model.critic: {critic_path} has another tokenizer than the policy")
     return critic, None

@@ -299,11 +299,9 @@ def peak_rss_bytes() -> int:
 
 def _bench_config(config: str | None, overrides: list[str] | None, steps: int, workdir: Path):
     """The config to time: a file or the default, with no checkpoints, samples or evaluation."""
-    import yaml
+    from rlhf.config import Config, apply_overrides, from_dict, read_yaml
 
-    from rlhf.config import Config, apply_overrides, from_dict
-
-    data = default_config_data(workdir) if config is None else (yaml.safe_load(Path(config).read_text()) or {})
+    data = default_config_data(workdir) if config is None else read_yaml(config)
     data = apply_overrides(data, list(overrides or []))
     data.setdefault("train", {}).update({"steps": steps, "out_dir": str(workdir / "run"), "save_every": 0,
                                          "report": False, "progress": False, "log_samples_every": 0})

@@ -1,19 +1,43 @@
-"""Checkpoints of a run: written atomically, found again for resume."""
+"""Checkpoints of a run: written atomically with a manifest of sizes and checksums, verified
+before loading, and read without unpickling anything that could run code.
+
+A checkpoint is what the engine saves (weights as safetensors, optimiser and schedule states
+and random states read back by `torch.load(weights_only=True)`), the trainer's own state as
+JSON plus safetensors, and `manifest.json`. It is written into a temporary directory, synced
+and renamed when complete; resume takes the newest checkpoint whose files match its manifest
+and falls back to the one before, with a warning, when they do not.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import pickle
 import re
 import shutil
+import traceback
 from pathlib import Path
+
+from rlhf.errors import UserInputError
+from rlhf.rundir import write_failure
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+
+
+class CheckpointError(UserInputError):
+    """No checkpoint that can be resumed from, and why."""
+
 
 class TrainerState:
-    """What resume needs beyond weights, optimisers and schedules (registered with the
-    engine): the step, the KL controller, the prompt stream, the health monitor and the
-    minibatch-shuffling generator of every process."""
+    """What resume needs beyond weights, optimisers and schedules: the step, the KL
+    controller, the prompt stream, the health monitor and the minibatch-shuffling generator
+    of every process."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -33,8 +57,6 @@ class TrainerState:
         t.stream.load_state_dict(state["prompts"])
         t.monitor.load_state_dict(state["monitor"])
         shuffle = state["shuffle_rng"]
-        if not isinstance(shuffle, list):  # checkpoints written before states were kept per process
-            shuffle = [shuffle]
         world, rank = t.engine.world, t.engine.rank
         if len(shuffle) != world and rank == 0:
             log.warning("resuming on %d processes a run checkpointed on %d: prompts are sharded and "
@@ -60,24 +82,214 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(engine, out_dir: Path, step: int, keep: int) -> Path:
-    """Everything the engine holds, into checkpoints/step-N: written into a temporary
-    directory and renamed when complete; only the newest `keep` are kept (0: all)."""
+# What resume may change ----------------------------------------------------------------
+
+RESUMABLE = ("train.", "eval.", "diagnostics.", "model.cache_dir", "reward.batch_size")
+"""Config fields (or sections) that take effect when a run resumes: how long it runs, how
+it logs, evaluates and checks itself. The rest is fixed by the checkpoint (models, the
+optimiser's learning rates, the KL controller) or by the run's identity (data, seed)."""
+FIXED = ("train.seed", "train.out_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_config(run_dir: Path, overrides: list[str]):
+    """The config a run resumes with: its config.yaml plus `overrides`, validated, and
+    refused (naming the fields) where an override could not take effect."""
+    import copy
+
+    from rlhf.config import Config, apply_overrides, from_dict, read_yaml
+
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
+    saved = read_yaml(config_path)
+    saved.setdefault("train", {})["out_dir"] = str(run_dir)  # the directory may have moved
+    cfg = from_dict(Config, apply_overrides(copy.deepcopy(saved), overrides))
+    refuse_fixed_changes(from_dict(Config, saved), cfg)
+    return cfg
+
+
+def refuse_fixed_changes(saved, wanted) -> None:
+    """Raise naming every override that a resumed run could not honour (the run's config
+    would claim a value its checkpoint does not have); log the ones that take effect."""
+    import dataclasses
+
+    before, after = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(wanted))
+    changed = [k for k in after if before.get(k) != after[k]]
+    fixed = [k for k in changed if k in FIXED or not k.startswith(RESUMABLE)]
+    if fixed:
+        raise CheckpointError(
+            f"--resume: {', '.join(fixed)} cannot change when a run resumes (fixed by its checkpoint or its "
+            "identity); only train.* (but seed), eval.*, diagnostics.*, model.cache_dir and reward.batch_size can; "
+            "start a new run for the others")
+    for key in changed:
+        log.info("resume: %s = %r (was %r)", key, after[key], before.get(key))
+
+
+# Writing ------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine, out_dir: Path, step: int, keep: int, trainer_state: dict) -> Path:
+    """Everything the engine holds and `trainer_state` (`TrainerState.state_dict()`, taken on
+    every process), into checkpoints/step-N: written into a temporary directory, given its
+    manifest, synced to disk and renamed when complete; only the newest `keep` are kept.
+    A failed write (a full disk) removes the temporary directory and raises one line."""
     root = out_dir / "checkpoints"
     target, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
     if engine.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     engine.wait()
-    engine.save_state(str(tmp))
+    try:
+        engine.save_state(str(tmp))
+        if engine.is_main:
+            write_trainer_state(tmp, trainer_state)
+        engine.wait()
+        if engine.is_main:
+            write_manifest(tmp, step)
+            sync_tree(tmp)
+    except Exception as e:
+        if engine.is_main:
+            error = write_failure(target, e, previous=latest_checkpoint(out_dir))
+            # The failed writer's open file lives on in the traceback's frames: the space of a
+            # removed file is freed only once it is closed.
+            chained = e
+            while chained is not None:
+                traceback.clear_frames(chained.__traceback__)
+                chained = chained.__cause__ or chained.__context__
+            shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None:
+                raise error from None
+        raise
     engine.wait()
     if engine.is_main:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        for old in sorted(checkpoints(root))[: -keep or None]:
+        sync_tree(root, files=False)
+        for old in sorted(checkpoints(root))[:-keep]:
             shutil.rmtree(old[1], ignore_errors=True)
     engine.wait()
     return target
+
+
+def write_trainer_state(directory: Path, state: dict) -> None:
+    """The shuffling generators' states as safetensors, everything else as JSON."""
+    from safetensors.torch import save_file
+
+    state = dict(state)
+    generators = state.pop("shuffle_rng")
+    (Path(directory) / STATE_JSON).write_text(json.dumps(state))
+    save_file({f"shuffle_rng.{i}": g for i, g in enumerate(generators)}, str(Path(directory) / STATE_TENSORS))
+
+
+def read_trainer_state(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = json.loads((Path(directory) / STATE_JSON).read_text())
+    tensors = load_file(str(Path(directory) / STATE_TENSORS))
+    state["shuffle_rng"] = [tensors[f"shuffle_rng.{i}"] for i in range(len(tensors))]
+    return state
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*") if p.is_file())
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    files = {name: {"size": (directory / name).stat().st_size, "sha256": _digest(directory / name)}
+             for name in _files(directory)}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def sync_tree(directory: Path, files: bool = True) -> None:
+    """fsync every file under `directory` and the directories themselves, so that a rename
+    that follows never points at data still in the page cache when the machine goes down."""
+    paths = [p for p in Path(directory).rglob("*") if files or p.is_dir()] + [Path(directory)]
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# Reading ------------------------------------------------------------------------------
+
+
+def verify(directory: Path, rank: int = 0) -> str | None:
+    """What is wrong with a checkpoint (None: its files are exactly those of its manifest,
+    with their sizes and checksums, and this process's random states read back)."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return "no manifest.json (incomplete, or written by an earlier version whose trainer state is a pickle)"
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "manifest.json is not readable"
+    present = set(_files(directory)) - {MANIFEST}
+    custom = sorted(name for name in present if name.startswith("custom_checkpoint"))
+    if custom:  # Accelerate would unpickle these with weights_only=False: code could run
+        return f"holds {', '.join(custom)}, which rlhf never writes and will not unpickle"
+    extra, missing = sorted(present - set(files)), sorted(set(files) - present)
+    if extra or missing:
+        return f"files {'not in its manifest: ' + ', '.join(extra) if extra else 'missing: ' + ', '.join(missing)}"
+    for name, expected in files.items():
+        size = (Path(directory) / name).stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, its manifest says {expected['size']} (truncated?)"
+        if _digest(Path(directory) / name) != expected["sha256"]:
+            return f"{name} does not match its checksum (corrupt)"
+    return _unreadable_random_states(Path(directory), rank)
+
+
+def _unreadable_random_states(directory: Path, rank: int) -> str | None:
+    """Accelerate skips random states it cannot read with an info message, and the resumed
+    run then samples differently: read them here first (weights_only, as Accelerate does)."""
+    from accelerate.utils import load
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    path = directory / f"{RNG_STATE_NAME}_{rank}.pkl"
+    try:
+        load(path)
+    except Exception as e:  # torch raises several types for a file it cannot unpickle
+        return f"{path.name} is not readable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def load_checkpoint(engine, run_dir: Path, state: TrainerState) -> Path:
+    """Load the newest checkpoint that verifies into the engine's models, optimisers and
+    schedules and into `state`; a newer one that does not is named in a warning and skipped."""
+    problems = []
+    for _, directory in sorted(checkpoints(Path(run_dir) / "checkpoints"), reverse=True):
+        problem = verify(directory, engine.rank)
+        if problem is None:
+            try:
+                engine.load_state(str(directory))
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{directory}: a file holds objects that torch's safe loader (weights_only) "
+                                      f"refuses, so it was not loaded: {str(e).splitlines()[0]}") from None
+            state.load_state_dict(read_trainer_state(directory))
+            if problems:
+                log.warning("resuming from %s instead of the newer %s", directory.name, "; ".join(problems))
+            return directory
+        problems.append(f"{directory.name}: {problem}")
+        log.warning("checkpoint %s is not usable: %s; trying the one before", directory, problem)
+    detail = f" ({'; '.join(problems)})" if problems else " under checkpoints/"
+    raise CheckpointError(f"--resume {run_dir}: no usable checkpoint{detail}")
 
 
 def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
@@ -94,7 +306,9 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
     policy = models.unwrapped_policy()
     if lora:
         atomic_save_pretrained([policy], final / "adapter")
-        policy = copy.deepcopy(policy).merge_and_unload()
+        # Merged in fp32 (a bf16 run stores its frozen base in bf16, where W + dW would round
+        # most of a small update away), and saved all in fp32, like the master weights.
+        policy = copy.deepcopy(policy).float().merge_and_unload()
     atomic_save_pretrained([policy, tokenizer], final / "policy")
     if models.critic is not None:
         atomic_save_pretrained([engine.unwrap(models.critic), tokenizer], final / "critic")

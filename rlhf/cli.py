@@ -10,21 +10,33 @@ import sys
 from pathlib import Path
 
 
-def _ppo(args) -> None:
+STOPPED = 75
+"""Exit status of a run stopped by a signal once its checkpoint is saved (EX_TEMPFAIL: try
+again, i.e. `--resume`); a job script can requeue on it."""
+
+
+def _ppo(args) -> int:
     from rlhf.config import Config, UserInputError, load_config
     from rlhf.ppo import PPOTrainer
 
     if args.resume:
+        if args.config is not None or args.overwrite:
+            raise UserInputError("rlhf ppo --resume RUN_DIR takes overrides only (no CONFIG.yaml, no --overwrite)")
         trainer = PPOTrainer.resume(Path(args.resume), overrides=args.overrides)
     else:
         if args.config is None:
             raise UserInputError("rlhf ppo: give a CONFIG.yaml or --resume RUN_DIR")
         cfg = load_config(Config, args.config, args.overrides)
-        trainer = PPOTrainer(cfg)
+        trainer = PPOTrainer(cfg, overwrite=args.overwrite)
     try:
         trainer.train()
     finally:
         trainer.engine.end()  # destroys the process group under `accelerate launch`
+    if trainer.stop_signal is not None:
+        print(f"rlhf ppo: stopped by {trainer.stop_signal} after step {trainer.step}, checkpoint saved; "
+              f"continue with: rlhf ppo --resume {trainer.out_dir}", file=sys.stderr)
+        return STOPPED
+    return 0
 
 
 def _reward_model(args) -> None:
@@ -68,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in train.out_dir (its config, logs, checkpoints and final models)")
     p.set_defaults(func=_ppo)
 
     p = sub.add_parser("reward-model", help="train a reward model from preference pairs or rankings (Bradley-Terry)")
@@ -129,7 +143,7 @@ def _main(argv: list[str] | None) -> int:
     from rlhf.config import UserInputError
 
     try:
-        args.func(args)
+        code = args.func(args) or 0
     except UserInputError as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -143,4 +157,4 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code

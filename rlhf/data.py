@@ -49,42 +49,88 @@ def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, st
             yield lineno, where, record
 
 
-def _prompt_from_record(record: dict, where: str) -> Prompt:
-    if "messages" in record:
+ROLES = ("system", "user", "assistant", "tool")
+"""The chat roles that chat templates know; another role would be rendered as written."""
+
+
+def _prompt_from_record(record: dict, where: str, column: str = "prompt") -> Prompt:
+    if "messages" in record and column == "prompt":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
         ):
             raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m["role"], str) or m["role"] not in ROLES:
+                raise DataError(f"{where}: messages[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
         return Prompt(text="\n".join(m["content"] for m in messages), messages=messages)
-    if "prompt" in record:
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise DataError(f"{where}: `prompt` must be a non-empty string")
-        return Prompt(text=record["prompt"])
-    raise DataError(f"{where}: expected a `prompt` or `messages` field, found {sorted(record)}")
+    if column in record:
+        if not isinstance(record[column], str) or not record[column].strip():
+            raise DataError(f"{where}: `{column}` must be a non-empty string")
+        return Prompt(text=record[column])
+    fields = "a `prompt` or `messages` field" if column == "prompt" else f"a `{column}` field (data.prompt_column)"
+    raise DataError(f"{where}: expected {fields}, found {sorted(record)}")
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from a JSONL file, a text file (one a line) or a `datasets.save_to_disk` directory."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data.prompts: {path} does not exist")
-    prompts: list[Prompt] = []
-    if path.is_dir():
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a line that is not UTF-8 is named."""
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError:
+                raise DataError(f"{path} line {lineno}: not UTF-8 text") from None
+    return lines
+
+
+TABLES = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
+"""Table files read through `datasets`, by suffix."""
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each record of a `save_to_disk` directory, a Parquet or CSV table,
+    a JSON array or a JSONL file."""
+    import datasets
+
+    if path.is_dir() or path.suffix in TABLES:
         try:
-            import datasets
-
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:  # datasets raises several types for a directory it cannot read
-            raise DataError(f"data.prompts: {path} is not a dataset saved with save_to_disk ({e})") from None
+            if path.is_dir():
+                ds = datasets.load_from_disk(str(path))
+            else:
+                kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+                ds = datasets.load_dataset(TABLES[path.suffix], data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # datasets raises several types for a file or directory it cannot read
+            kind = "a dataset saved with save_to_disk" if path.is_dir() else f"a {TABLES[path.suffix]} table"
+            raise DataError(f"data.prompts: {path} is not {kind} ({str(e).splitlines()[0] if str(e) else e!r})") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         for i, record in enumerate(ds):
-            prompts.append(_prompt_from_record(record, f"{path} row {i}"))
-    elif path.suffix in (".jsonl", ".json"):
-        prompts = [_prompt_from_record(record, where) for _, where, record in read_jsonl(path, DataError)]
+            yield f"{path} row {i}", record
+    elif path.suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":
+        try:
+            records = json.loads(path.read_bytes())
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise DataError(f"{path} item {i}: expected a JSON object, got {type(record).__name__}")
+            yield f"{path} item {i}", record
     else:
-        prompts = [Prompt(text=line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for _, where, record in read_jsonl(path, DataError):
+            yield where, record
+
+
+def load_prompts(path: str | Path, column: str = "prompt") -> list[Prompt]:
+    """Prompts from a JSONL or JSON file, a Parquet or CSV table, a `datasets.save_to_disk`
+    directory (records with a `column` field, or chat `messages`), or a text file (one a line)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.prompts: {path} does not exist")
+    if path.is_dir() or path.suffix in (".jsonl", ".json", *TABLES):
+        prompts = [_prompt_from_record(record, where, column) for where, record in _records(path)]
+    else:
+        prompts = [Prompt(text=line) for line in read_text_lines(path) if line.strip()]
     if not prompts:
         raise DataError(f"data.prompts: {path} holds no prompts")
     return prompts
@@ -103,6 +149,10 @@ def tokenize_prompts(
     is what the response continues); one warning says how many were cut.
     """
     use_template = chat_template and getattr(tokenizer, "chat_template", None)
+    if not use_template and (system_prompt or any(p.messages for p in prompts)):
+        log.warning("no chat template in use (data.chat_template=%s, the tokenizer has %s): chat prompts are their "
+                    "contents joined by newlines, without roles, and data.system_prompt is not used",
+                    chat_template, "one" if getattr(tokenizer, "chat_template", None) else "none")
     out, truncated = [], 0
     for p in prompts:
         if use_template:

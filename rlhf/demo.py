@@ -494,7 +494,8 @@ def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> 
     (run / "reward_model.json").write_text(json.dumps(rm_metrics, indent=2) + "\n")
 
     # 3. PPO, with the same evaluation before and after.
-    trainer = PPOTrainer(ppo_config(cfg, rm_dir, train_path, eval_path, run / "ppo"))
+    # The demo runs again into the same directory: its PPO run replaces the last one.
+    trainer = PPOTrainer(ppo_config(cfg, rm_dir, train_path, eval_path, run / "ppo"), overwrite=True)
     before = evaluate(trainer, eval_prompts, cfg.eval.seed, "evaluate before", cfg.progress)
     trainer.train()
     after = evaluate(trainer, eval_prompts, cfg.eval.seed, "evaluate after", cfg.progress)

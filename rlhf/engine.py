@@ -40,7 +40,6 @@ class TrainingEngine(Protocol):
     def reduce_mean(self, value: float) -> float: ...
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor: ...
-    def register_for_checkpointing(self, obj) -> None: ...
     def save_state(self, directory: str) -> None: ...
     def load_state(self, directory: str) -> None: ...
     def wait(self) -> None: ...
@@ -168,13 +167,13 @@ class AccelerateEngine:
 
     # State on disk ------------------------------------------------------------------
 
-    def register_for_checkpointing(self, obj) -> None:
-        self.accelerator.register_for_checkpointing(obj)
-
     def save_state(self, directory: str) -> None:
+        """Weights as safetensors; optimiser, schedule and random states through torch.save."""
         self.accelerator.save_state(directory, safe_serialization=True)
 
     def load_state(self, directory: str) -> None:
+        """Accelerate reads all of it back with `weights_only=True`: nothing registered as a
+        custom object, whose pickles it would load with `weights_only=False`."""
         self.accelerator.load_state(directory)
 
     def wait(self) -> None:

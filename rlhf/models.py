@@ -108,7 +108,25 @@ def resolve_model(name_or_path: str, cache_dir: str | None = None, field: str = 
         )
     if not (path / "config.json").is_file():
         raise ModelError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ModelError(f"{field}: {path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{field}: {path / 'config.json'} is not a JSON object")
     return path
+
+
+def position_limit(model: nn.Module) -> tuple[int | None, bool]:
+    """The longest sequence a model's config gives it positions for (None: no limit
+    stated), and whether those positions are a learned table (GPT-2, OPT, BERT...), which a
+    longer sequence overruns inside the model; rotary or ALiBi positions run past it untrained."""
+    config = model.config
+    limit = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                  if isinstance(getattr(config, key, None), int)), None)
+    learned = any(isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in
+                  ("wpe", "embed_positions", "position_embeddings") for name, module in model.named_modules())
+    return limit, learned
 
 
 def load_tokenizer(path: Path, padding_side: str = "left", trust_remote_code: bool = False):
@@ -201,16 +219,25 @@ def load_critic(path: Path, from_reward_model: bool, trust_remote_code: bool = F
     Built as `AutoModelForTokenClassification(num_labels=1)`, so that `final/critic` loads with
     plain transformers. Started from a reward model, it keeps the reward head's weights (same
     attribute name `score` in decoder classifiers); otherwise the head is fresh, at zero
-    (`init_value_head`).
+    (`init_value_head`). Architectures that transformers has no token-classification class
+    for (OPT, Gemma 3, OLMo 2, Granite, OLMoE...) get a `TrunkValueModel` instead.
     """
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForTokenClassification
 
     from transformers.utils import logging as hf_logging
 
-    # The head is new on purpose: silence the load report that lists it as missing.
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    remote = "AutoModelForTokenClassification" in (getattr(config, "auto_map", None) or {})
+    fallback = type(config) not in AutoModelForTokenClassification._model_mapping and not remote
+    if fallback:
+        log.info("model.critic: transformers has no token-classification %s; the critic is its base model "
+                 "with a value head", type(config).__name__)
+    # The head is new (and the LM head left out) on purpose: silence the load report.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
+        if fallback:
+            return TrunkValueModel.from_pretrained(path, trust_remote_code)
         model = _from_pretrained(AutoModelForTokenClassification, path, trust_remote_code, num_labels=1)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -219,6 +246,48 @@ def load_critic(path: Path, from_reward_model: bool, trust_remote_code: bool = F
         init_value_head(head)
     model.config.problem_type = "regression"
     return model
+
+
+class TrunkValueModel(nn.Module):
+    """A critic for an architecture without a token-classification class: its base model
+    (`AutoModel`, the causal LM without its vocabulary projection) and a linear value head
+    `score` on the last hidden states, starting at zero. It answers like a token classifier
+    (`.logits` of shape (B, T, 1)); `save_pretrained` writes the base model's directory plus
+    `value_head.safetensors`."""
+
+    HEAD_FILE = "value_head.safetensors"
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.config = trunk.config
+        self.score = nn.Linear(trunk.config.hidden_size, 1)
+        init_value_head(self.score)
+
+    @classmethod
+    def from_pretrained(cls, path: Path, trust_remote_code: bool = False) -> "TrunkValueModel":
+        from transformers import AutoModel
+
+        model = cls(_from_pretrained(AutoModel, Path(path), trust_remote_code))
+        head = Path(path) / cls.HEAD_FILE
+        if head.is_file():  # a critic saved by this class: its trained head
+            from safetensors.torch import load_file
+
+            model.score.load_state_dict(load_file(str(head)))
+        return model
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        from transformers.modeling_outputs import TokenClassifierOutput
+
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **kwargs).last_hidden_state
+        return TokenClassifierOutput(logits=self.score(hidden))
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        from safetensors.torch import save_file
+
+        self.trunk.save_pretrained(directory, **kwargs)
+        save_file({k: v.contiguous() for k, v in self.score.state_dict().items()}, str(Path(directory) / self.HEAD_FILE))
 
 
 def _saved_by_selective_checkpointing() -> set:
@@ -279,8 +348,17 @@ def atomic_save_pretrained(objs: list, target: Path) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    for obj in objs:
-        obj.save_pretrained(tmp)
+    try:
+        for obj in objs:
+            obj.save_pretrained(tmp)
+    except Exception as e:
+        from rlhf.rundir import write_failure
+
+        error = write_failure(target, e, previous=target if target.exists() else None)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from None
+        raise
     if target.exists():
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

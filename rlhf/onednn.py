@@ -37,11 +37,20 @@ def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b by oneDNN, for x of any leading shape."""
-    y = _matmul_t(x.reshape(-1, x.shape[-1]).contiguous(), weight)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    """x W^T + b by oneDNN, for 2-D x."""
+    y = _matmul_t(x.contiguous(), weight)
+    return y + bias if bias is not None else y
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unrows(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 2-D output of a Function back in the leading shape of its input. Reshaped out
+    here, not inside the Function: autograd forbids in-place changes (Falcon adds to its
+    MLP's output in place) to a view created inside a custom Function."""
+    return y.reshape(*like.shape[:-1], y.shape[-1])
 
 
 def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs: tuple) -> tuple:
@@ -56,7 +65,7 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with all three matmuls (y, dL/dx, dL/dW) by oneDNN."""
+    """y = x W^T + b with all three matmuls (y, dL/dx, dL/dW) by oneDNN; x is 2-D."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -72,7 +81,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 class _OneDNNGatedDown(torch.autograd.Function):
-    """y = down(act(gate) * up) for the outputs `gate` and `up` of a gated MLP's first two
+    """y = down(act(gate) * up) for the 2-D outputs `gate` and `up` of a gated MLP's first two
     projections. The backward pass gets `gate` and `up` only and recomputes h = act(gate) *
     up from them; autograd would keep act(gate) and h as well. The matmuls are those of
     _OneDNNLinear and act's and the product's gradients are autograd's own, so every
@@ -104,7 +113,7 @@ def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if _runs_onednn(x, self.weight):
-        return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return _unrows(_OneDNNLinear.apply(_rows(x), self.weight, self.bias), x)
     return F.linear(x, self.weight, self.bias)
 
 
@@ -113,7 +122,7 @@ def _gated_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # Without gradients (scoring, or decoding with prepacked weights) the plain path: the
     # down projection's own forward, nothing kept.
     if isinstance(down, nn.Linear) and _runs_onednn(gate, down.weight) and torch.is_grad_enabled():
-        return _OneDNNGatedDown.apply(gate, up, down.weight, down.bias, self.act_fn)
+        return _unrows(_OneDNNGatedDown.apply(_rows(gate), _rows(up), down.weight, down.bias, self.act_fn), gate)
     return down(self.act_fn(gate) * up)
 
 
@@ -156,11 +165,19 @@ def _merged_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _adapters(module: nn.Module, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scaling) of each active LoRA adapter of `module`, in `dtype`."""
+    return [(module.lora_A[a].weight.detach().to(dtype), module.lora_B[a].weight.detach().to(dtype), module.scaling[a])
+            for a in module.active_adapters if a in module.lora_A]
+
+
 def _packed_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    packed, dtype = self._rlhf_packed
+    packed, dtype, adapters = self._rlhf_packed
     bias = getattr(self, "base_layer", self).bias
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).to(dtype).contiguous(), packed,
-                                           None if bias is None else bias.to(dtype), "none", [], "")
+    rows = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(rows, packed, None if bias is None else bias.to(dtype), "none", [], "")
+    for a, b, scaling in adapters:
+        y = y + (rows @ a.t()) @ b.t() * scaling
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -177,18 +194,25 @@ def packed_for_decoding(model: nn.Module, batch: int, dtype: torch.dtype):
         for module in model.modules():
             if id(module) in inside_lora:
                 continue
+            adapters = []
             if _is_lora_linear(module):
-                # A LoRA layer decodes with its merged weight W + scaling * B A: one matmul
-                # instead of three and the adapter's bookkeeping, for every layer and token.
-                weight = _merged_weight(module)
                 inside_lora.update(id(m) for m in module.modules())
+                if dtype == torch.float32:
+                    # fp32 decodes with the merged weight W + scaling * B A: one matmul instead
+                    # of three and the adapter's bookkeeping, for every layer and token.
+                    weight = _merged_weight(module)
+                else:
+                    # bf16 keeps 8 bits of mantissa: W + dW rounded to bf16 loses most of a
+                    # small update dW, and the sampler would draw from (nearly) the base
+                    # policy. The adapter stays apart, as in training.
+                    weight, adapters = module.base_layer.weight.detach(), _adapters(module, dtype)
             elif isinstance(module, nn.Linear):
                 weight = module.weight.detach()
             else:
                 continue
             if weight.device.type != "cpu":
                 continue
-            module._rlhf_packed = (torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch), dtype)
+            module._rlhf_packed = (torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), batch), dtype, adapters)
             patched.append((module, module.__dict__.get("forward")))
             module.forward = types.MethodType(_packed_forward, module)
         yield

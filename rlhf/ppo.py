@@ -24,19 +24,22 @@ import torch
 from rlhf import algos
 from rlhf.actor_critic import ActorCritic, load_critic_or_head, load_policy_and_reference
 from rlhf.backend import make_backend
-from rlhf.checkpoint import TrainerState, latest_checkpoint, save_checkpoint, save_final
-from rlhf.config import Config, apply_overrides, from_dict, save_config
+from rlhf.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, resume_config, save_checkpoint,
+                             save_final)
+from rlhf.config import Config, ConfigError, save_config, to_dict
 from rlhf.data import Prompt, PromptStream, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor
 from rlhf.engine import AccelerateEngine, check_data_parallel, make_accelerator
 from rlhf.errors import NonFiniteError, UserInputError
 from rlhf.experience_maker import ExperienceMaker
 from rlhf.generation import Generator, LocalGenerator, decode_responses
-from rlhf.models import load_tokenizer, resolve_model
+from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
+from rlhf.rundir import RunLock, append_row, own_run_dir, truncate_logs
 from rlhf.step_metrics import step_metrics, write_samples
+from rlhf.tracking import Trackers
 from rlhf.updater import Updater
 
 __all__ = ["PPOTrainer", "NonFiniteError", "latest_checkpoint", "make_accelerator", "check_data_parallel"]
@@ -52,7 +55,10 @@ class PPOTrainer:
     engine). Replace `generator` to sample another way.
     """
 
-    def __init__(self, cfg: Config, accelerator=None, *, engine=None, generator: Generator | None = None):
+    def __init__(self, cfg: Config, accelerator=None, *, engine=None, generator: Generator | None = None,
+                 overwrite: bool = False, _resuming: bool = False):
+        """A new run refuses a `train.out_dir` that holds another run unless `overwrite`
+        (which removes that run's files); `resume` builds the trainer with `_resuming`."""
         self.cfg = cfg
         cfg.validate(complete=True)  # also configs built or completed in code
         self.engine = engine or AccelerateEngine(accelerator)
@@ -61,9 +67,6 @@ class PPOTrainer:
         self.backend.setup_process(cfg.train)
         seed_everything(cfg.train.seed + self.engine.rank)  # own samples per process, shared prompt order
         self.out_dir = Path(cfg.train.out_dir)
-        if self.engine.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
         self.tokenizer, self.reward, self.models, self.updater = self._build_models()
         self.generator = generator or LocalGenerator(self.models.unwrapped_policy(), cfg.rollout, self.tokenizer,
                                                      self.backend)
@@ -71,16 +74,18 @@ class PPOTrainer:
         p = cfg.ppo
         self.kl_ctl = (algos.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
                        else algos.FixedKLController(p.kl_coef))
-        self.prompts = load_prompts(cfg.data.prompts)
+        self.prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
         self.prompt_ids = self._tokenize(self.prompts)
+        check_sequence_length(self.models.unwrapped_policy(), self.prompt_ids, cfg.rollout.max_new_tokens)
         self.stream = PromptStream(len(self.prompts), cfg.train.seed, self.engine.rank, self.engine.world)
         self.judge = import_function(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None
-        self.eval_prompts = load_prompts(cfg.eval.prompts) if cfg.eval.prompts else self.prompts
+        self.eval_prompts = (load_prompts(cfg.eval.prompts, cfg.data.prompt_column) if cfg.eval.prompts
+                             else self.prompts)
         self.monitor = HealthMonitor(cfg.diagnostics, kl_target=p.kl_target, max_new_tokens=cfg.rollout.max_new_tokens,
                                      critic_free=not algos.advantage_estimator(p.advantage).needs_critic)
         self.step = 0
-        self._stop_requested = False
-        self.engine.register_for_checkpointing(TrainerState(self))
+        self.stop_signal: str | None = None  # the name of the signal that stopped train() early
+        self.state = TrainerState(self)
         warn_off_policy(cfg.rollout)
         if p.policy_loss == "a2c" and p.epochs != 1:
             log.warning("ppo.policy_loss=a2c is one pass over each rollout batch: ppo.epochs=%d is ignored", p.epochs)
@@ -88,6 +93,9 @@ class PPOTrainer:
             log.warning("ppo.policy_loss=gspo clips each sequence's ratio, which stays far closer to 1 than a token's: "
                         "ppo.clip_eps=%g clips almost nothing (its paper uses 3e-4 and ppo.clip_eps_high=4e-4)",
                         p.clip_eps)
+        # Last: a trainer that failed to build holds no lock and leaves no run behind.
+        self.run_lock = own_run_dir(self.engine, self.out_dir, None if _resuming else overwrite,
+                                    lambda: save_config(cfg, self.out_dir / "config.yaml"))
 
     def _build_models(self):
         """Tokenizer, reward, actor-critic and updater, in the order that keeps the random
@@ -125,21 +133,23 @@ class PPOTrainer:
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, accelerator=None) -> "PPOTrainer":
-        """Rebuild the trainer from `run_dir/config.yaml` (plus overrides, e.g. train.steps) and
-        restore the latest complete checkpoint: weights, optimisers, schedules, KL controller,
-        random states and the position in the prompt stream."""
-        import yaml
-
-        config_path = Path(run_dir) / "config.yaml"
-        if not config_path.is_file():
-            raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        data = apply_overrides(yaml.safe_load(config_path.read_text()), list(overrides or []))
-        data["train"]["out_dir"] = str(run_dir)
-        trainer = cls(from_dict(Config, data), accelerator)
-        checkpoint = latest_checkpoint(Path(run_dir))
-        if checkpoint is None:
-            raise UserInputError(f"--resume {run_dir}: no complete checkpoint under checkpoints/")
-        trainer.engine.load_state(str(checkpoint))
+        """Rebuild the trainer from `run_dir/config.yaml` and restore the newest checkpoint that
+        verifies: weights, optimisers, schedules, KL controller, random states and the position
+        in the prompt stream. Overrides may change what takes effect on resume (train.steps,
+        logging, evaluation, diagnostics); others are refused by name. config.yaml is
+        rewritten, and the logs cut back to the checkpoint's step, only once it has loaded."""
+        run_dir = Path(run_dir)
+        cfg = resume_config(run_dir, list(overrides or []))
+        trainer = cls(cfg, accelerator, _resuming=True)
+        try:
+            checkpoint = load_checkpoint(trainer.engine, run_dir, trainer.state)
+        except BaseException:
+            if trainer.run_lock is not None:
+                trainer.run_lock.release()
+            raise
+        if trainer.engine.is_main:
+            truncate_logs(run_dir, trainer.step)
+            save_config(cfg, run_dir / "config.yaml")
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
         return trainer
 
@@ -211,28 +221,27 @@ class PPOTrainer:
     # The loop ---------------------------------------------------------------------
 
     def train(self) -> None:
-        """Run until train.steps; Ctrl-C finishes the current step, saves and exits cleanly."""
+        """Run until train.steps. SIGINT (Ctrl-C), SIGTERM or SIGUSR1 finishes the current step,
+        saves a checkpoint and returns with `stop_signal` set; a second signal aborts."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
-        previous = stop_after_step_on_interrupt(self)
+        if self.run_lock is None and self.engine.is_main:  # released by an earlier train()
+            self.run_lock = RunLock(self.out_dir)
+        self.stop_signal, trackers, previous = None, None, stop_after_step_on_signal(self)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not cfg.progress or not self.engine.is_main)
         try:
-            while self.step < cfg.steps and not self._stop_requested:
-                metrics = self._checked_step()
-                self._write("metrics.jsonl", metrics)
-                for alert in self.monitor.observe(metrics):
-                    self._write("alerts.jsonl", alert.as_dict())
-                    bar.write(f"[{alert.severity}] step {alert.step} {alert.check}: {alert.message}")
-                    if alert.severity == "error":
-                        raise NonFiniteError(alert.message)
-                bar.update(1)
-                bar.set_postfix({"score": f"{metrics['reward/score_mean']:.3f}", "kl": f"{metrics['kl/ref_mean']:.3f}",
-                                 "len": f"{metrics['response/length_mean']:.1f}"})
+            if cfg.report_to and self.engine.is_main:
+                trackers = Trackers(cfg.report_to, self.out_dir, to_dict(self.cfg), self.step)
+            while self.step < cfg.steps and not stop_agreed(self):
+                log_step(self, self._checked_step(), bar, trackers)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
             self.save_checkpoint()
-            if self.step >= cfg.steps:
+            if self.stop_signal is not None:
+                log.warning("stopped by %s after step %d; the checkpoint is saved: continue with "
+                            "`rlhf ppo --resume %s`", self.stop_signal, self.step, self.out_dir)
+            elif self.step >= cfg.steps:
                 self.save_final()
                 if cfg.report and self.engine.is_main:
                     from rlhf.report import write_report
@@ -240,8 +249,13 @@ class PPOTrainer:
                     write_report(self.out_dir)
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            if trackers is not None:
+                trackers.finish()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
 
     def _checked_step(self) -> dict:
         try:
@@ -254,14 +268,12 @@ class PPOTrainer:
 
     def _write(self, name: str, row: dict) -> None:
         if self.engine.is_main:
-            import json
-
-            with open(self.out_dir / name, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(self.out_dir / name, row)
 
     def save_checkpoint(self) -> Path:
         """Atomic: written into a temporary directory, renamed when complete."""
-        return save_checkpoint(self.engine, self.out_dir, self.step, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.engine, self.out_dir, self.step, self.cfg.train.keep_checkpoints,
+                               self.state.state_dict())
 
     def save_final(self) -> Path:
         """final/policy and final/critic (or final/value_head.safetensors), loadable by plain
@@ -287,24 +299,73 @@ class PPOTrainer:
         return self.models.ref
 
 
+def log_step(trainer: PPOTrainer, metrics: dict, bar, trackers: Trackers | None) -> None:
+    """metrics.jsonl, the trackers, the health checks (alerts.jsonl; an error stops the
+    run) and the progress bar."""
+    trainer._write("metrics.jsonl", metrics)
+    if trackers is not None:
+        trackers.log(metrics)
+    for alert in trainer.monitor.observe(metrics):
+        trainer._write("alerts.jsonl", alert.as_dict())
+        bar.write(f"[{alert.severity}] step {alert.step} {alert.check}: {alert.message}")
+        if alert.severity == "error":
+            raise NonFiniteError(alert.message)
+    bar.update(1)
+    bar.set_postfix({"score": f"{metrics['reward/score_mean']:.3f}", "kl": f"{metrics['kl/ref_mean']:.3f}",
+                     "len": f"{metrics['response/length_mean']:.1f}"})
+
+
+def check_sequence_length(policy, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """The longest prompt plus max_new_tokens must fit the policy's positions: refused for
+    learned position tables (an IndexError deep in the model otherwise), a warning else."""
+    limit, learned = position_limit(policy)
+    longest = max(map(len, prompt_ids))
+    if limit is None or longest + max_new_tokens <= limit:
+        return
+    message = (f"rollout.max_new_tokens: the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens "
+               f"exceeds the policy's {limit} positions")
+    if learned:
+        raise ConfigError(f"{message}; lower data.max_prompt_tokens or rollout.max_new_tokens")
+    log.warning("%s: it was not trained on the positions beyond", message)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def stop_after_step_on_interrupt(trainer: PPOTrainer):
-    """Ctrl-C asks the loop to stop after this step; a second one stops at once. Returns the
-    previous handler (None off the main thread, where signals cannot be caught)."""
-    def request_stop(signum, frame):
-        if trainer._stop_requested:
-            raise KeyboardInterrupt
-        trainer._stop_requested = True
-        log.warning("stopping after this step (Ctrl-C again to abort without saving)")
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+"""Ctrl-C; what SLURM and Kubernetes send before SIGKILL; SLURM's early warning
+(`sbatch --signal=USR1@120`)."""
 
+
+def stop_agreed(trainer: PPOTrainer) -> bool:
+    """True once a stop signal arrived; every process stops at the same step (a signal may
+    reach some of them only)."""
+    stop = trainer.stop_signal is not None
+    if trainer.engine.world > 1 and trainer.engine.reduce_mean(float(stop)) > 0 and not stop:
+        trainer.stop_signal, stop = "a signal to another process", True
+    return stop
+
+
+def stop_after_step_on_signal(trainer: PPOTrainer) -> dict:
+    """Each of STOP_SIGNALS asks the loop to stop after this step and save; a second one
+    aborts at once (KeyboardInterrupt). Returns the previous handlers by signal ({} off the
+    main thread, where signals cannot be caught)."""
+    def request_stop(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signal.Signals(signum).name
+        log.warning("%s: stopping after this step and saving a checkpoint (send it again to abort without saving)",
+                    trainer.stop_signal)
+
+    previous = {}
     try:
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, request_stop)
-        return previous
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                signum = getattr(signal, name)
+                previous[signum] = signal.signal(signum, request_stop)
     except ValueError:
-        return None
+        pass
+    return previous

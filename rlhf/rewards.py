@@ -46,16 +46,57 @@ def call_text_function(fn: Callable, prompts: list[str], responses: list[str], f
         out = fn(list(prompts), list(responses))
     except Exception as e:
         raise RewardError(f"{field}: the function raised {type(e).__name__}: {e}") from e
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise RewardError(f"{field}: expected a list of floats, got {type(out).__name__}") from None
+    values = real_numbers(out, field)
     if len(values) != len(responses):
         raise RewardError(f"{field}: returned {len(values)} scores for {len(responses)} responses")
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise RewardError(f"{field}: non-finite score {values[bad[0]]} for response {bad[0]}: {responses[bad[0]]!r}")
     return torch.tensor(values, dtype=torch.float32)
+
+
+def _real_number(v) -> float | None:
+    """`v` as a float when it is one real number (int, float, a numpy number, a tensor of
+    one element), else None: a bool, a string such as "1.5", a container."""
+    import numpy as np
+
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0 and _real_dtype(v):
+        return float(v.item())
+    return None
+
+
+def _real_dtype(x) -> bool:
+    import numpy as np
+
+    if isinstance(x, torch.Tensor):
+        return x.dtype != torch.bool and not x.dtype.is_complex
+    return np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+
+
+def real_numbers(out, field: str) -> list[float]:
+    """The scores a function returned, as floats: a list or tuple of real numbers, or a 1-D
+    tensor or array of them. Anything else is refused, naming the first bad entry (a string
+    or a bool is not silently converted; a dict, a generator or a 2-D tensor is not iterated)."""
+    import numpy as np
+
+    if isinstance(out, (torch.Tensor, np.ndarray)):
+        if out.ndim != 1 or not _real_dtype(out):
+            raise RewardError(f"{field}: expected one real number per response, got a {out.ndim}-D "
+                              f"{type(out).__name__} of {out.dtype}")
+        return [float(v) for v in out.tolist()]
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(f"{field}: expected a list of numbers (one per response), got {type(out).__name__}")
+    values = []
+    for i, v in enumerate(out):
+        number = _real_number(v)
+        if number is None:
+            raise RewardError(f"{field}: response {i}: expected a real number, got {type(v).__name__} {v!r:.60}")
+        values.append(number)
+    return values
 
 
 class Reward:

@@ -161,8 +161,11 @@ def test_crash_while_saving_leaves_the_earlier_checkpoint_usable(workdir, tiny_p
     trainer.cfg.train.steps = 3
     trainer.step_once()
     monkeypatch.setattr(trainer.accelerator, "save_state", dies_half_way)
-    with pytest.raises(OSError):
+    from rlhf.rundir import WriteError
+
+    with pytest.raises(WriteError, match="step-000003: writing failed .*disk full.*step-000002 is intact"):
         trainer.save_checkpoint()
+    assert not list((workdir / "run" / "checkpoints").glob(".tmp-*"))  # the partial files are removed
     assert latest_checkpoint(workdir / "run") == good  # the partial save is not taken for a checkpoint
     resumed = PPOTrainer.resume(workdir / "run", overrides=["train.steps=3"])
     assert resumed.step == 2
