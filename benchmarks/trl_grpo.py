@@ -18,6 +18,7 @@ optimiser step. The first step is the warm-up, excluded from the median.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ast
 import json
 import os
@@ -41,6 +42,17 @@ def bench_prompts() -> list[str]:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "BENCH_PROMPTS" for t in node.targets):
             return ast.literal_eval(node.value)
     raise SystemExit("BENCH_PROMPTS not found in rlhf/bench.py")
+
+
+def timed(fn, times: list):
+    """`fn`, appending the wall time of each call to `times`."""
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - t)
+    return wrapper
 
 
 def main() -> None:
@@ -87,8 +99,12 @@ def main() -> None:
         trainer = GRPOTrainer(model=args.model, reward_funcs=letter_share, args=config, train_dataset=dataset,
                               callbacks=[timer])
         assert trainer.ref_model is not None, "beta > 0 should keep a reference model"
+        phases = {"_generate": [], "_generate_and_score_completions": []}
+        for name, times in phases.items():
+            setattr(trainer, name, timed(getattr(trainer, name), times))
         print("training starts", file=sys.stderr, flush=True)
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its metrics
+            trainer.train()
         torch.set_num_threads(args.threads)
 
     steps = [timer.ends[0] - timer.begins[0]] + [b - a for a, b in zip(timer.ends, timer.ends[1:])]
@@ -106,6 +122,12 @@ def main() -> None:
         "median_step_inner_s": statistics.median(inner[1:]),
         "step_times_s": steps,
         "step_inner_times_s": inner,
+        # Generation alone, and generation + reference/policy log-probs + reward (the rest of
+        # a step is the loss forward, backward and optimiser step).
+        "median_generation_s": statistics.median(phases["_generate"][1:]),
+        "median_generate_and_score_s": statistics.median(phases["_generate_and_score_completions"][1:]),
+        "generation_times_s": phases["_generate"],
+        "generate_and_score_times_s": phases["_generate_and_score_completions"],
         "load_avg": os.getloadavg(),
     }, indent=2))
 

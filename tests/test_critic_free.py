@@ -317,7 +317,7 @@ def test_preset_errors_name_the_field(tmp_path):
         load_config(Config, None, ["ppo.algo=grp"])
     with pytest.raises(ConfigError, match=r"ppo.policy_loss: expected one of 'ppo', 'a2c', 'gspo', got 'clip'"):
         load_config(Config, None, ["ppo.policy_loss=clip"])
-    with pytest.raises(ConfigError, match=r"ppo.dual_clip: expected a number > 1 or null, got 1.0"):
+    with pytest.raises(ConfigError, match=r"ppo.dual_clip: expected a finite number > 1, got 1.0"):
         load_config(Config, None, ["ppo.dual_clip=1"])
     with pytest.raises(ConfigError, match=r"ppo.loss_agg: expected one of 'token-mean'"):
         load_config(Config, None, ["ppo.loss_agg=sum"])
