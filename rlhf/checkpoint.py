@@ -84,18 +84,12 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
     """final/policy and final/critic (or final/value_head.safetensors, or no critic for a
     critic-free estimator), loadable by plain transformers. Plain transformers has no adapter to load: a LoRA policy is saved merged,
     with final/adapter beside it."""
-    import copy
-
     from rlhf.models import atomic_save_pretrained
 
     final = out_dir / "final"
     if not engine.is_main:
         return final
-    policy = models.unwrapped_policy()
-    if lora:
-        atomic_save_pretrained([policy], final / "adapter")
-        policy = copy.deepcopy(policy).merge_and_unload()
-    atomic_save_pretrained([policy, tokenizer], final / "policy")
+    save_policy(final, models.unwrapped_policy(), tokenizer, lora)
     if models.critic is not None:
         atomic_save_pretrained([engine.unwrap(models.critic), tokenizer], final / "critic")
     elif models.value_head is not None:
@@ -103,3 +97,18 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
 
         save_file(engine.unwrap(models.value_head).state_dict(), str(final / "value_head.safetensors"))
     return final
+
+
+def save_policy(final: Path, policy, tokenizer, lora: bool) -> Path:
+    """final/policy, a causal LM with its tokenizer that plain transformers loads (and that
+    `model.policy` of any command accepts); a LoRA policy is saved merged, its adapter in
+    final/adapter. Call on the main process only."""
+    import copy
+
+    from rlhf.models import atomic_save_pretrained
+
+    if lora:
+        atomic_save_pretrained([policy], final / "adapter")
+        policy = copy.deepcopy(policy).merge_and_unload()
+    atomic_save_pretrained([policy, tokenizer], final / "policy")
+    return final / "policy"
