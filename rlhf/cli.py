@@ -45,7 +45,9 @@ def _offline(trainer_cls, args) -> None:
     else:
         trainer = trainer_cls(load_config(trainer_cls.config_cls, args.config, args.overrides))
     try:
-        print(json.dumps(trainer.train(), indent=2))
+        row = trainer.train()
+        if trainer.engine.is_main:
+            print(json.dumps(row, indent=2))
     finally:
         trainer.engine.end()
 

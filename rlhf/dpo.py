@@ -64,13 +64,24 @@ class DPOLossConfig:
 
 
 @dataclass
+class DPOTrainConfig(OfflineTrainConfig):
+    """The `train` section of `rlhf dpo`: the shared one with DPO's defaults."""
+
+    out_dir: str = "runs/dpo"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/policy (and
+    final/adapter under LoRA), report.html."""
+    lr: float = 1.0e-6
+    """AdamW learning rate (DPO moves a policy far at small rates)."""
+
+
+@dataclass
 class DPOConfig:
     """Everything `rlhf dpo` needs."""
 
     model: PolicyConfig = field(default_factory=PolicyConfig)
     data: DPODataConfig = field(default_factory=DPODataConfig)
     dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
-    train: OfflineTrainConfig = field(default_factory=lambda: OfflineTrainConfig(out_dir="runs/dpo", lr=1.0e-6))
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
 
     def validate(self) -> None:
         d = self.data

@@ -237,10 +237,13 @@ class OfflineTrainer:
                                       eps=t.adam_eps, weight_decay=t.weight_decay, **fused)
         from rlhf.optim import lr_schedule
 
-        scheduler = lr_schedule(optimizer, t.warmup_steps, self.total_steps, t.lr_schedule)
-        self.policy, self.optimizer, self.scheduler = self.engine.prepare(self.policy, optimizer, scheduler)
+        self.policy, self.optimizer = self.engine.prepare(self.policy, optimizer)
+        # Not prepared: Accelerate steps a prepared schedule once per process at each call (it
+        # takes the batch to grow with the processes), so N processes would decay it N times faster.
+        self.scheduler = lr_schedule(self.optimizer, t.warmup_steps, self.total_steps, t.lr_schedule)
         self.step = 0
         self._stop_requested = False
+        self.engine.register_for_checkpointing(self.scheduler)
         self.engine.register_for_checkpointing(OfflineState(self))
 
     def _load_models(self, path: Path):
@@ -302,8 +305,25 @@ class OfflineTrainer:
         if checkpoint is None:
             raise UserInputError(f"--resume {run_dir}: no complete checkpoint under checkpoints/")
         trainer.engine.load_state(str(checkpoint))
+        trainer._reschedule()
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
         return trainer
+
+    def _reschedule(self) -> None:
+        """Set the learning rate of the restored step under this run's schedule: a resumed run
+        may be longer than the one checkpointed (train.steps=N), and the optimiser's state
+        holds the rate of the old schedule (0 at the end of a linear decay)."""
+        import warnings
+
+        from rlhf.optim import lr_schedule
+
+        t = self.cfg.train
+        fresh = lr_schedule(self.optimizer, t.warmup_steps, self.total_steps, t.lr_schedule)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler stepped before the optimiser": on purpose
+            for _ in range(self.step):
+                fresh.step()
+        self.scheduler.load_state_dict(fresh.state_dict())
 
     # One step ---------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class SFTConfig:
 
     model: PolicyConfig = field(default_factory=PolicyConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    train: OfflineTrainConfig = field(default_factory=lambda: OfflineTrainConfig(out_dir="runs/sft"))
+    train: OfflineTrainConfig = field(default_factory=OfflineTrainConfig)
 
     def validate(self) -> None:
         if not self.data.train:

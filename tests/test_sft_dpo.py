@@ -263,11 +263,15 @@ def test_cli_runs_sft_then_dpo_from_yaml(tmp_path, tiny_policy_dir, capsys):
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({
         "model": {"policy": str(tmp_path / "s" / "final" / "policy")},
         "data": {"train": str(tmp_path / "dpo.jsonl"), "max_length": 64, "max_prompt_tokens": 32},
-        "train": {"out_dir": str(tmp_path / "d"), "steps": 2, "progress": False, "threads": 1, "report": False}}))
+        "train": {"out_dir": str(tmp_path / "d"), "steps": 2, "progress": False, "threads": 1, "report": True}}))
     assert main(["dpo", str(tmp_path / "dpo.yaml"), "dpo.beta=0.2"]) == 0
     assert yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())["dpo"]["beta"] == 0.2
+    # Resume extends the finished run: step 3 of 3 runs at the linear schedule's 1/3 of lr, not
+    # at the 0 the 2-step schedule ended with.
     assert main(["dpo", "--resume", str(tmp_path / "d"), "train.steps=3"]) == 0
-    assert [r["step"] for r in metrics(tmp_path / "d")][-1] == 3
+    last = metrics(tmp_path / "d")[-1]
+    assert last["step"] == 3 and last["lr"] == pytest.approx(1e-6 / 3)
+    assert (tmp_path / "d" / "plots" / "dpo_rewards.png").is_file()
 
 
 BAD_SFT = [
@@ -312,3 +316,18 @@ def test_bad_config_values_name_the_field(tmp_path, capsys):
     assert code == 2 and "data.packing: expected true or false" in err
     code, err = run_cli(capsys, "sft", "--resume", str(tmp_path))
     assert code == 2 and "no config.yaml" in err
+
+
+def test_every_field_of_the_new_sections_has_a_docstring():
+    """`ModelConfig` extends `PolicyConfig`: its documentation includes the inherited fields."""
+    from dataclasses import fields
+
+    from rlhf.config import ModelConfig, PolicyConfig, field_docs
+    from rlhf.dpo import DPODataConfig, DPOLossConfig, DPOTrainConfig
+    from rlhf.offline import OfflineTrainConfig
+
+    for cls in (PolicyConfig, ModelConfig, SFTDataConfig, OfflineTrainConfig, DPODataConfig, DPOLossConfig,
+                DPOTrainConfig):
+        docs = field_docs(cls)
+        assert [f.name for f in fields(cls) if not docs.get(f.name)] == [], cls.__name__
+    assert "critic" in field_docs(ModelConfig) and "lora" in field_docs(ModelConfig)
