@@ -867,7 +867,8 @@ def pairwise_reward_loss(
 DPO_LOSSES = ("sigmoid", "ipo")
 
 
-def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor, num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor,
+             num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Negative log-likelihood of the trained tokens, a mean over tokens:
 
         loss = -sum(mask * log pi(y_t)) / num_tokens

@@ -29,12 +29,15 @@ from typing import Literal, NamedTuple, Optional
 import torch
 
 from rlhf import algos
+from rlhf.actor_critic import load_policy_and_reference, load_trainable_policy
 from rlhf.backend import make_backend
 from rlhf.checkpoint import latest_checkpoint, save_checkpoint, save_policy
 from rlhf.config import ConfigError, apply_overrides, from_dict, save_config
 from rlhf.data import PromptStream
 from rlhf.engine import AccelerateEngine
 from rlhf.errors import NonFiniteError, UserInputError
+from rlhf.models import load_tokenizer, resolve_model
+from rlhf.optim import lr_schedule
 from rlhf.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -170,8 +173,8 @@ def check_packing(model) -> None:
     apart = [token_logprobs(model, *collate([[t]], 0, device)[:2], Precision()) for t in (a, b)]
     packed = token_logprobs(model, *collate([[a, b]], 0, device)[:2], Precision())
     # The packed row's log-probs: a's 4, then the one that predicts b[0] from a (not learned), then b's 3.
-    same = torch.allclose(packed[0, :4], apart[0][0], atol=1e-4) and torch.allclose(packed[0, 5:], apart[1][0], atol=1e-4)
-    if not same:
+    first, second = packed[0, :4], packed[0, 5:]
+    if not (torch.allclose(first, apart[0][0], atol=1e-4) and torch.allclose(second, apart[1][0], atol=1e-4)):
         raise UserInputError(f"data.packing: {type(model).__name__} attends across the examples of a packed row "
                              "(its attention does not build masks from position ids); set data.packing=false")
 
@@ -218,8 +221,6 @@ class OfflineTrainer:
         if self.engine.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        from rlhf.models import load_tokenizer, resolve_model
-
         path = resolve_model(cfg.model.policy, cfg.model.cache_dir, field="model.policy")
         self.tokenizer = load_tokenizer(path, "right", cfg.model.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
@@ -235,8 +236,6 @@ class OfflineTrainer:
         fused = {"fused": True} if t.fused_adamw else {}
         optimizer = torch.optim.AdamW([q for q in self.policy.parameters() if q.requires_grad], lr=t.lr,
                                       eps=t.adam_eps, weight_decay=t.weight_decay, **fused)
-        from rlhf.optim import lr_schedule
-
         self.policy, self.optimizer = self.engine.prepare(self.policy, optimizer)
         # Not prepared: Accelerate steps a prepared schedule once per process at each call (it
         # takes the batch to grow with the processes), so N processes would decay it N times faster.
@@ -249,8 +248,6 @@ class OfflineTrainer:
     def _load_models(self, path: Path):
         """The policy to train and, for a stage that needs one, the frozen reference (None
         under LoRA: the adapter-disabled base is the reference), prepared by the backend."""
-        from rlhf.actor_critic import load_policy_and_reference, load_trainable_policy
-
         m = self.cfg.model
         if self.needs_reference:
             policy, ref = load_policy_and_reference(self.cfg, path, self.backend)
@@ -271,7 +268,7 @@ class OfflineTrainer:
         """(training items, held-out items)."""
         raise NotImplementedError
 
-    def micro_batch(self, items: list, batch_size: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_batch(self, items: list, batch_size: float) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, statistics) of a micro-batch, each as its share of a global batch of
         `batch_size` (rows, tokens or pairs as the stage counts them): shares add up."""
         raise NotImplementedError
@@ -315,8 +312,6 @@ class OfflineTrainer:
         holds the rate of the old schedule (0 at the end of a linear decay)."""
         import warnings
 
-        from rlhf.optim import lr_schedule
-
         t = self.cfg.train
         fresh = lr_schedule(self.optimizer, t.warmup_steps, self.total_steps, t.lr_schedule)
         with warnings.catch_warnings():
@@ -341,7 +336,8 @@ class OfflineTrainer:
             with engine.accumulating([self.policy], last=i == len(chunks) - 1):
                 loss, row = self.micro_batch(chunk, total)
                 if not torch.isfinite(loss):
-                    raise NonFiniteError(f"non-finite {self.command} loss at step {self.step + 1}; the step was refused")
+                    raise NonFiniteError(f"non-finite {self.command} loss at step {self.step + 1}; "
+                                         "the step was refused")
                 # DDP averages gradients over processes; the shares are of the global batch.
                 engine.backward(loss * engine.world if engine.world > 1 else loss)
             for k, v in row.items():

@@ -18,7 +18,9 @@ final/policy, a model plain transformers loads and `model.policy` accepts.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
@@ -150,8 +152,6 @@ def _check_pair(record: dict, where: str) -> tuple[str, str]:
 def load_demonstrations(path: str, tokenizer, cfg: SFTDataConfig) -> list[Demonstration]:
     """Tokenized demonstrations of a JSONL file; a malformed line, or one whose learned tokens
     the length limit cuts entirely, stops with its file and line."""
-    from pathlib import Path
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: demonstrations file not found")
@@ -167,7 +167,8 @@ def load_demonstrations(path: str, tokenizer, cfg: SFTDataConfig) -> list[Demons
                                                      cfg.completion_only_loss, where)))
         else:
             pairs.append((lineno, where, *_check_pair(record, where)))
-    prompt_ids = tokenize_prompts([Prompt(text=p) for _, _, p, _ in pairs], tokenizer, cfg.max_length,
+    # Prompts are not cut here: the length limit applies to the whole example below.
+    prompt_ids = tokenize_prompts([Prompt(text=p) for _, _, p, _ in pairs], tokenizer, sys.maxsize,
                                   cfg.chat_template, cfg.system_prompt) if pairs else []
     for (lineno, where, _, completion), ids in zip(pairs, prompt_ids):
         tokens = prompt_and_response(ids, encode_response(tokenizer, completion))

@@ -35,7 +35,8 @@ def demonstrations(n=48):
     for i in range(n):
         w = WORDS[i % len(WORDS)]
         if i % 2:
-            rows.append({"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w}"}]})
+            rows.append({"messages": [{"role": "user", "content": f"say {w}"},
+                                      {"role": "assistant", "content": f"{w} {w}"}]})
         else:
             rows.append({"prompt": f"say {w}", "completion": f"{w} {w}"})
     return rows
@@ -166,7 +167,8 @@ def test_sft_lowers_the_held_out_loss_and_saves_a_policy_for_ppo(tmp_path, tiny_
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     assert model.config.vocab_size == len(tiny_tokenizer())
 
-    (tmp_path / "sft_rewards.py").write_text("def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    (tmp_path / "sft_rewards.py").write_text("def length(prompts, responses):\n"
+                                             "    return [len(r) / 10 for r in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     ppo = Config()
     ppo.model.policy, ppo.model.critic, ppo.reward.function = str(policy_dir), "policy", "sft_rewards:length"
