@@ -130,12 +130,31 @@ def load_pairs(path: str, tokenizer, cfg: DPODataConfig) -> list[PreferencePair]
     return pairs
 
 
+class PairTerms(NamedTuple):
+    """The DPO terms of B pairs."""
+
+    losses: torch.Tensor
+    """(B,) per-pair loss."""
+    chosen: torch.Tensor
+    """(B,) implicit rewards of the chosen responses, beta * (log pi - log pi_ref), detached."""
+    rejected: torch.Tensor
+    """(B,) implicit rewards of the rejected responses, detached."""
+    logps: torch.Tensor
+    """(2B,) the policy's sequence log-probs, chosen then rejected, detached."""
+    ref: torch.Tensor
+    """(2B,) the reference's sequence log-probs, in the same order."""
+
+
 class DPOTrainer(OfflineTrainer):
     """`rlhf dpo`: the items are preference pairs; the loss is their mean DPO (or IPO) loss."""
 
     command = "dpo"
     config_cls = DPOConfig
     needs_reference = True
+
+    def __init__(self, cfg: DPOConfig, accelerator=None, *, engine=None):
+        self._eval_ref: dict[int, torch.Tensor] = {}  # held-out batch -> the reference's log-probs
+        super().__init__(cfg, accelerator, engine=engine)
 
     def load_items(self) -> tuple[list, list]:
         d = self.cfg.data
@@ -155,43 +174,46 @@ class DPOTrainer(OfflineTrainer):
         with policy.disable_adapter():
             return token_logprobs(policy, ids, positions, self.precision)
 
-    def _pair_terms(self, model, items: list[PreferencePair]):
-        """(per-pair losses, chosen rewards, rejected rewards, sequence log-probs (2B,)) of
-        pairs: chosen sequences first, then rejected, in one forward of each model."""
+    def _pair_terms(self, model, items: list[PreferencePair], ref: torch.Tensor | None = None) -> PairTerms:
+        """The DPO terms of pairs, chosen sequences first, then rejected, in one forward of the
+        policy (and of the reference, unless its sequence log-probs `ref` are given)."""
         rows = [[p.chosen] for p in items] + [[p.rejected] for p in items]
         ids, positions, mask = collate(rows, self.tokenizer.pad_token_id, self.engine.device)
         average = self.cfg.dpo.loss == "ipo"
-        ref = algos.sequence_logprobs(self._reference_logprobs(ids, positions), mask, average)
+        if ref is None:
+            ref = algos.sequence_logprobs(self._reference_logprobs(ids, positions), mask, average)
         logps = algos.sequence_logprobs(token_logprobs(model, ids, positions, self.precision), mask, average)
         n = len(items)
         losses, chosen, rejected = algos.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.dpo.beta,
                                                   self.cfg.dpo.loss)
-        return losses, chosen, rejected, logps.detach()
+        return PairTerms(losses, chosen, rejected, logps.detach(), ref)
 
     @staticmethod
-    def _shares(losses, chosen, rejected, logps, total: float, prefix: str = "") -> dict[str, float]:
+    def _shares(terms: PairTerms, total: float, prefix: str = "") -> dict[str, float]:
         """Sums of the pair statistics divided by `total` (the pairs they are a mean over)."""
-        n = len(chosen)
-        values = {"loss": losses.detach(), "rewards/chosen": chosen, "rewards/rejected": rejected,
+        n, chosen, rejected = len(terms.chosen), terms.chosen, terms.rejected
+        values = {"loss": terms.losses.detach(), "rewards/chosen": chosen, "rewards/rejected": rejected,
                   "rewards/margin": chosen - rejected, "rewards/accuracy": (chosen > rejected).float(),
-                  "logps/chosen": logps[:n], "logps/rejected": logps[n:]}
+                  "logps/chosen": terms.logps[:n], "logps/rejected": terms.logps[n:]}
         sums = torch.stack([v.sum() for v in values.values()]).div(total).tolist()
         return {prefix + k: s for k, s in zip(values, sums)}
 
     def micro_batch(self, items: list, batch_size: float) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, chosen, rejected, logps = self._pair_terms(self.policy, items)
-        shares = self._shares(losses, chosen, rejected, logps, batch_size)
+        terms = self._pair_terms(self.policy, items)
+        shares = self._shares(terms, batch_size)
         shares["train/loss"] = shares.pop("loss")
-        return losses.sum() / batch_size, shares
+        return terms.losses.sum() / batch_size, shares
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The held-out pairs' mean loss and implicit-reward statistics, under `eval/`."""
+        """The held-out pairs' mean loss and implicit-reward statistics, under `eval/`. The
+        reference's log-probs of the held-out pairs never change: computed at the first call."""
         if not self.eval_items:
             return {}
         model, bs, out = self.unwrapped_policy().eval(), self.cfg.train.eval_batch_size, {}
-        for start in range(0, len(self.eval_items), bs):
-            terms = self._pair_terms(model, self.eval_items[start:start + bs])
-            for k, v in self._shares(*terms, len(self.eval_items), prefix="eval/").items():
+        for b, start in enumerate(range(0, len(self.eval_items), bs)):
+            terms = self._pair_terms(model, self.eval_items[start:start + bs], self._eval_ref.get(b))
+            self._eval_ref[b] = terms.ref
+            for k, v in self._shares(terms, len(self.eval_items), prefix="eval/").items():
                 out[k] = out.get(k, 0.0) + v
         return out
