@@ -98,6 +98,18 @@ def test_a_chat_learns_its_assistant_turns_and_their_end_of_turn_only():
     assert everything.loss_mask == [0] + [1] * (len(everything.ids) - 1)
 
 
+def test_a_template_that_rewrites_earlier_turns_is_refused_not_guessed():
+    from rlhf.data import DataError
+
+    tok = tiny_tokenizer()
+    # Marks whichever turn is last: the chat's start renders differently inside the whole chat.
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if loop.last %} (last)"
+                         "{% endif %}\n{% endfor %}")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(DataError, match="line 3: the chat template renders the start of this chat differently"):
+        chat_tokens(tok, chat, completion_only=True, where="f.jsonl line 3")
+
+
 def test_prompt_completion_learns_the_completion_and_eos(tmp_path):
     tok = tiny_tokenizer()
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2+2=", "completion": "4"}])
