@@ -211,8 +211,9 @@ PANELS = [
     Panel("time", "Time per step", [("time/rollout_s", "rollout"), ("time/score_s", "scoring"),
                                     ("time/update_s", "update"), ("time/step_s", "step")], "seconds",
           [("throughput/tokens_per_s", "tokens/s")], "tokens/s"),
-    Panel("sft_loss", "Supervised loss (rlhf sft)", [("train/loss", "train batch"), ("eval/loss", "held-out")],
-          "nats per learned token", caption="Held-out loss rising while the training loss falls: overfitting."),
+    Panel("loss", "Loss (rlhf sft, rlhf dpo)", [("train/loss", "train batch"), ("eval/loss", "held-out")],
+          "loss", caption="SFT: nats per learned token; DPO: per pair (log 2 at the start). Held-out loss "
+          "rising while the training loss falls: overfitting."),
     Panel("dpo_rewards", "Implicit rewards (rlhf dpo)", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"),
                                                          ("rewards/margin", "margin"),
                                                          ("eval/rewards/margin", "margin (held-out)")],

@@ -273,7 +273,7 @@ def test_cli_runs_sft_then_dpo_from_yaml(tmp_path, tiny_policy_dir, capsys):
         "model": {"policy": str(tiny_policy_dir)}, "data": {"train": str(tmp_path / "sft.jsonl"), "max_length": 64},
         "train": {"out_dir": str(tmp_path / "s"), "steps": 2, "progress": False, "threads": 1, "report": True}}))
     assert main(["sft", str(tmp_path / "sft.yaml")]) == 0
-    assert (tmp_path / "s" / "report.html").is_file() and (tmp_path / "s" / "plots" / "sft_loss.png").is_file()
+    assert (tmp_path / "s" / "report.html").is_file() and (tmp_path / "s" / "plots" / "loss.png").is_file()
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({
         "model": {"policy": str(tmp_path / "s" / "final" / "policy")},
         "data": {"train": str(tmp_path / "dpo.jsonl"), "max_length": 64, "max_prompt_tokens": 32},
