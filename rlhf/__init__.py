@@ -10,6 +10,7 @@ The public API, imported on first use (``import rlhf`` stays light):
 - maths: `rlhf.algos` (`register_advantage_estimator`, `register_policy_loss`, ...)
 - errors: `UserInputError`, `ConfigError`, `NonFiniteError`
 - reward models: `RewardModelConfig`, `train_reward_model`
+- the offline stages: `SFTConfig`, `SFTTrainer`, `DPOConfig`, `DPOTrainer`
 """
 
 import importlib
@@ -25,6 +26,7 @@ _EXPORTS = {
     "Backend": "rlhf.backend", "CPUBackend": "rlhf.backend",
     "UserInputError": "rlhf.errors", "ConfigError": "rlhf.errors", "NonFiniteError": "rlhf.errors",
     "RewardModelConfig": "rlhf.reward_model", "train_reward_model": "rlhf.reward_model",
+    "SFTConfig": "rlhf.sft", "SFTTrainer": "rlhf.sft", "DPOConfig": "rlhf.dpo", "DPOTrainer": "rlhf.dpo",
     "algos": "rlhf.algos",
 }
 

@@ -122,18 +122,29 @@ class ActorCritic:
 def load_policy_and_reference(cfg, policy_path, backend):
     """The policy to train (LoRA-wrapped when asked) and the frozen reference: a copy of
     the starting weights, or None under LoRA (the adapter-disabled base is the reference)."""
+    from rlhf.models import load_policy
+
+    policy = load_trainable_policy(cfg, policy_path)
+    if cfg.model.lora:
+        return policy, None
+    ref = load_policy(policy_path, cfg.model.trust_remote_code).eval().requires_grad_(False)
+    return policy, backend.prepare_frozen(ref.to(backend.device))  # frozen: not prepared, placed by hand
+
+
+def load_trainable_policy(cfg, policy_path):
+    """The policy to train, with activation checkpointing as `cfg.model` asks, wrapped in LoRA
+    adapters (peft, on every linear layer) when `cfg.model.lora` is on."""
     from rlhf.models import enable_activation_checkpointing, load_policy
 
     policy = load_policy(policy_path, cfg.model.trust_remote_code)
     enable_activation_checkpointing(policy, cfg.model.gradient_checkpointing)
     if not cfg.model.lora:
-        ref = load_policy(policy_path, cfg.model.trust_remote_code).eval().requires_grad_(False)
-        return policy, backend.prepare_frozen(ref.to(backend.device))  # frozen: not prepared, placed by hand
+        return policy
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(policy, lora), None
+    return get_peft_model(policy, lora)
 
 
 def load_critic_or_head(cfg, policy, policy_path, tokenizer, reward):

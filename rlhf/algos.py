@@ -967,3 +967,72 @@ def pairwise_reward_loss(
     loss = -F.logsigmoid(gap).mean()
     accuracy = (chosen_rewards > rejected_rewards).float().mean().item()
     return loss, accuracy
+
+
+# --------------------------------------------------------------------------------------
+# Supervised fine-tuning and direct preference optimisation
+# --------------------------------------------------------------------------------------
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor,
+             num_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Negative log-likelihood of the trained tokens, a mean over tokens:
+
+        loss = -sum(mask * log pi(y_t)) / num_tokens
+
+    `mask` is 1 on the tokens the model learns (completion or assistant tokens), 0 on the
+    prompt and padding. `num_tokens` (default: the mask's sum) is the number of trained tokens
+    of the whole batch: a micro-batch passes the batch's count, so that the micro-batch
+    losses add up to the batch's token mean however the batch is split.
+    """
+    mask = _check_tensors(mask, logprobs=logprobs)
+    total = mask.sum() if num_tokens is None else num_tokens
+    if float(total) <= 0:
+        raise ValueError(f"num_tokens: expected > 0, got {float(total)}")
+    return -_zero_padding(logprobs, mask).sum() / total
+
+
+def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """log pi(y | x) of each sequence, (B, T) -> (B,): the sum of its token log-probs over the
+    mask, or with `average` their mean (the length-normalised form IPO is used with)."""
+    mask = _check_tensors(mask, logprobs=logprobs)
+    total = _zero_padding(logprobs, mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    kind: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO loss of each preference pair from sequence log-probs (B,) of the policy and of
+    the frozen reference. With the log-ratio gap
+
+        h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
+
+    `sigmoid` (Rafailov et al., 2023): loss = -log sigmoid(beta * h), log 2 at h = 0;
+    `ipo` (Azar et al., 2023): loss = (h - 1 / (2 beta))^2, which pulls h to a finite target
+    instead of pushing it to infinity.
+
+    Returns (per-pair losses, chosen rewards, rejected rewards); the implicit rewards are
+    beta * (log pi - log pi_ref), detached (for metrics: a pair is ranked right when the
+    chosen reward exceeds the rejected one).
+    """
+    _check_tensors(chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                   ref_rejected_logps=ref_rejected_logps)
+    beta = _check_number("beta", beta, 0.0, low_open=True)
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"kind: expected one of {', '.join(map(repr, DPO_LOSSES))}, got {kind!r}")
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    gap = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(beta * gap)
+    else:
+        losses = (gap - 1.0 / (2.0 * beta)) ** 2
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

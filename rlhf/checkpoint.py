@@ -294,22 +294,14 @@ def load_checkpoint(engine, run_dir: Path, state: TrainerState) -> Path:
 
 def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
     """final/policy and final/critic (or final/value_head.safetensors, or no critic for a
-    critic-free estimator), loadable by plain transformers. Plain transformers has no adapter to load: a LoRA policy is saved merged,
-    with final/adapter beside it."""
-    import copy
-
+    critic-free estimator), loadable by plain transformers. Plain transformers has no
+    adapter to load: a LoRA policy is saved merged, with final/adapter beside it."""
     from rlhf.models import atomic_save_pretrained
 
     final = out_dir / "final"
     if not engine.is_main:
         return final
-    policy = models.unwrapped_policy()
-    if lora:
-        atomic_save_pretrained([policy], final / "adapter")
-        # Merged in fp32 (a bf16 run stores its frozen base in bf16, where W + dW would round
-        # most of a small update away), and saved all in fp32, like the master weights.
-        policy = copy.deepcopy(policy).float().merge_and_unload()
-    atomic_save_pretrained([policy, tokenizer], final / "policy")
+    save_policy(final, models.unwrapped_policy(), tokenizer, lora)
     if models.critic is not None:
         atomic_save_pretrained([engine.unwrap(models.critic), tokenizer], final / "critic")
     elif models.value_head is not None:
@@ -317,3 +309,20 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
 
         save_file(engine.unwrap(models.value_head).state_dict(), str(final / "value_head.safetensors"))
     return final
+
+
+def save_policy(final: Path, policy, tokenizer, lora: bool) -> Path:
+    """final/policy, a causal LM with its tokenizer that plain transformers loads (and that
+    `model.policy` of any command accepts); a LoRA policy is saved merged, its adapter in
+    final/adapter. Call on the main process only."""
+    import copy
+
+    from rlhf.models import atomic_save_pretrained
+
+    if lora:
+        atomic_save_pretrained([policy], final / "adapter")
+        # Merged in fp32 (a bf16 run stores its frozen base in bf16, where W + dW would round
+        # most of a small update away), and saved all in fp32, like the master weights.
+        policy = copy.deepcopy(policy).float().merge_and_unload()
+    atomic_save_pretrained([policy, tokenizer], final / "policy")
+    return final / "policy"

@@ -48,6 +48,34 @@ def _reward_model(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def _offline(trainer_cls, args) -> None:
+    """`rlhf sft` and `rlhf dpo`: a new run from CONFIG.yaml and overrides, or --resume RUN_DIR."""
+    from rlhf.config import load_config
+
+    if args.resume:
+        trainer = trainer_cls.resume(Path(args.resume), overrides=args.overrides)
+    else:
+        trainer = trainer_cls(load_config(trainer_cls.config_cls, args.config, args.overrides))
+    try:
+        row = trainer.train()
+        if trainer.engine.is_main:
+            print(json.dumps(row, indent=2))
+    finally:
+        trainer.engine.end()
+
+
+def _sft(args) -> None:
+    from rlhf.sft import SFTTrainer
+
+    _offline(SFTTrainer, args)
+
+
+def _dpo(args) -> None:
+    from rlhf.dpo import DPOTrainer
+
+    _offline(DPOTrainer, args)
+
+
 def _demo(args) -> None:
     from rlhf.demo import run_demo
 
@@ -71,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
         description="Align a causal language model with RLHF: PPO or A2C against a reward model "
-        "or function, a frozen reference and a critic; Bradley-Terry reward models from rankings.",
+        "or function, a frozen reference and a critic; Bradley-Terry reward models from rankings; "
+        "supervised fine-tuning and DPO.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -88,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(func=_reward_model)
+
+    for name, func, what in (("sft", _sft, "supervised fine-tuning on demonstrations (chats or prompt/completion)"),
+                             ("dpo", _dpo, "direct preference optimisation on preference pairs or rankings")):
+        p = sub.add_parser(name, help=f"{what} (rlhf {name} CONFIG.yaml [key=value ...])")
+        p.add_argument("config", nargs="?", help="YAML config")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="the embedded default end to end: reward model from human labels, PPO, evaluation")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")

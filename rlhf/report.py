@@ -217,6 +217,15 @@ PANELS = [
     Panel("time", "Time per step", [("time/rollout_s", "rollout"), ("time/score_s", "scoring"),
                                     ("time/update_s", "update"), ("time/step_s", "step")], "seconds",
           [("throughput/tokens_per_s", "tokens/s")], "tokens/s"),
+    Panel("loss", "Loss (rlhf sft, rlhf dpo)", [("train/loss", "train batch"), ("eval/loss", "held-out")],
+          "loss", caption="SFT: nats per learned token; DPO: per pair (log 2 at the start). Held-out loss "
+          "rising while the training loss falls: overfitting."),
+    Panel("dpo_rewards", "Implicit rewards (rlhf dpo)", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected"),
+                                                         ("rewards/margin", "margin"),
+                                                         ("eval/rewards/margin", "margin (held-out)")],
+          "beta x log-ratio", [("rewards/accuracy", "accuracy"), ("eval/rewards/accuracy", "accuracy (held-out)")],
+          "share ranked right", caption="Both rewards falling while the margin grows: the policy lowers the "
+          "likelihood of chosen responses too, a known DPO failure; a larger beta holds it back."),
 ]
 
 

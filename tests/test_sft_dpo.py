@@ -1,0 +1,347 @@
+"""`rlhf sft` and `rlhf dpo` on tiny real models: the learned tokens are the right ones,
+packing changes no number, both stages learn, resume repeats a straight run, the output is
+a policy for `rlhf ppo`, and bad input gets one line naming the file and line."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf.cli import main
+from rlhf.dpo import DPOConfig, DPOTrainer
+from rlhf.offline import Tokens, collate, token_logprobs
+from rlhf.precision import Precision
+from rlhf.sft import SFTConfig, SFTTrainer, chat_tokens, load_demonstrations, SFTDataConfig
+from tiny import tiny_llama, tiny_tokenizer
+
+WORDS = ["sun", "moon", "tree", "river", "stone", "cloud", "fire", "wind", "snow", "leaf", "bird", "fish"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def demonstrations(n=48):
+    """Chats and prompt/completion records whose answer repeats the word asked about: a
+    pattern a tiny model learns in a few dozen steps."""
+    rows = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        if i % 2:
+            rows.append({"messages": [{"role": "user", "content": f"say {w}"},
+                                      {"role": "assistant", "content": f"{w} {w}"}]})
+        else:
+            rows.append({"prompt": f"say {w}", "completion": f"{w} {w}"})
+    return rows
+
+
+def sft_config(tmp_path, policy_dir, name="sft", **changes) -> SFTConfig:
+    cfg = SFTConfig()
+    cfg.model.policy = str(policy_dir)
+    cfg.data.train, cfg.data.max_length, cfg.data.eval_fraction = str(tmp_path / "sft.jsonl"), 96, 0.2
+    cfg.train.out_dir, cfg.train.lr, cfg.train.steps = str(tmp_path / name), 3e-3, 30
+    cfg.train.batch_size, cfg.train.progress, cfg.train.report, cfg.train.threads = 4, False, False, 1
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    if not (tmp_path / "sft.jsonl").exists():
+        write_jsonl(tmp_path / "sft.jsonl", demonstrations())
+    return cfg
+
+
+def preferences(n=40):
+    """Pairs whose chosen answer repeats 'yes' and rejected one 'no', after varied prompts."""
+    return [{"prompt": f"{WORDS[i % len(WORDS)]} {i}? ", "chosen": "yes yes", "rejected": "no no"} for i in range(n)]
+
+
+def dpo_config(tmp_path, policy_dir, name="dpo", **changes) -> DPOConfig:
+    cfg = DPOConfig()
+    cfg.model.policy = str(policy_dir)
+    cfg.data.train, cfg.data.max_length, cfg.data.max_prompt_tokens = str(tmp_path / "dpo.jsonl"), 64, 32
+    cfg.data.eval_fraction = 0.25
+    cfg.train.out_dir, cfg.train.lr, cfg.train.steps = str(tmp_path / name), 2e-3, 15
+    cfg.train.batch_size, cfg.train.progress, cfg.train.report, cfg.train.threads = 4, False, False, 1
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    if not (tmp_path / "dpo.jsonl").exists():
+        write_jsonl(tmp_path / "dpo.jsonl", preferences())
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Which tokens are learned
+# --------------------------------------------------------------------------------------
+
+
+def learned_text(tokenizer, tokens: Tokens) -> str:
+    return tokenizer.decode([i for i, m in zip(tokens.ids, tokens.loss_mask) if m])
+
+
+def test_a_chat_learns_its_assistant_turns_and_their_end_of_turn_only():
+    tok = tiny_tokenizer()
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "see you"}]
+    tokens = chat_tokens(tok, chat, completion_only=True, where="x")
+    # The template ends each turn with EOS then a newline: EOS is learned, the newline is not.
+    assert learned_text(tok, tokens) == "hello</s>see you</s>"
+    assert tok.decode(tokens.ids) == tok.apply_chat_template(chat, tokenize=False)
+    everything = chat_tokens(tok, chat, completion_only=False, where="x")
+    assert everything.loss_mask == [0] + [1] * (len(everything.ids) - 1)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_not_guessed():
+    from rlhf.data import DataError
+
+    tok = tiny_tokenizer()
+    # Marks whichever turn is last: the chat's start renders differently inside the whole chat.
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if loop.last %} (last)"
+                         "{% endif %}\n{% endfor %}")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(DataError, match="line 3: the chat template renders the start of this chat differently"):
+        chat_tokens(tok, chat, completion_only=True, where="f.jsonl line 3")
+
+
+def test_prompt_completion_learns_the_completion_and_eos(tmp_path):
+    tok = tiny_tokenizer()
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2+2=", "completion": "4"}])
+    plain = load_demonstrations(str(path), tok, SFTDataConfig(chat_template=False))[0].tokens
+    assert tok.decode(plain.ids) == "2+2=4</s>" and learned_text(tok, plain) == "4</s>"
+    chat = load_demonstrations(str(path), tok, SFTDataConfig())[0].tokens
+    # As `rlhf ppo` renders the prompt: a user turn and the generation prompt.
+    assert tok.decode(chat.ids) == "<|user|>\n2+2=</s>\n<|assistant|>\n4</s>" and learned_text(tok, chat) == "4</s>"
+
+
+# --------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_packed_row_gives_each_example_its_unpacked_logprobs(attention):
+    tok = tiny_tokenizer()
+    model = tiny_llama(tokenizer=tok, seed=3)
+    model.set_attn_implementation(attention)
+    examples = [Tokens(tok(text)["input_ids"], [0] + [1] * (len(text) - 1)) for text in ("abcdefg", "xyz", "hello w")]
+    apart = [token_logprobs(model, *collate([[t]], tok.pad_token_id, "cpu")[:2], Precision())[0] for t in examples]
+    ids, positions, mask = collate([examples[:2], examples[2:]], tok.pad_token_id, "cpu")
+    packed = token_logprobs(model, ids, positions, Precision())
+    # Row 0: example 0's 6 log-probs, one across the boundary (not learned), example 1's 2.
+    assert torch.allclose(packed[0, :6], apart[0], atol=1e-5)
+    assert torch.allclose(packed[0, 7:9], apart[1], atol=1e-5)
+    assert torch.allclose(packed[1, :6], apart[2], atol=1e-5)
+    assert mask[0, 6] == 0 and mask[0, :6].sum() == 6
+
+
+def test_packing_changes_no_held_out_loss(tmp_path, tiny_policy_dir):
+    """The held-out loss before training is the same number packed and unpacked."""
+    losses = []
+    for packing in (True, False):
+        cfg = sft_config(tmp_path, tiny_policy_dir, f"pack-{packing}", data__packing=packing)
+        trainer = SFTTrainer(cfg)
+        assert (len(trainer.eval_items) < 10) == packing  # packed rows hold several examples
+        losses.append(trainer.evaluate()["eval/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# SFT
+# --------------------------------------------------------------------------------------
+
+
+def test_sft_lowers_the_held_out_loss_and_saves_a_policy_for_ppo(tmp_path, tiny_policy_dir, monkeypatch):
+    """A random tiny model's held-out loss (about log 260 = 5.6) falls by more than a quarter in
+    30 steps; final/policy loads with plain transformers and starts a PPO run."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import Config
+    from rlhf.ppo import PPOTrainer
+
+    cfg = sft_config(tmp_path, tiny_policy_dir)
+    last = SFTTrainer(cfg).train()
+    rows = metrics(tmp_path / "sft")
+    assert rows[0]["step"] == 0 and last["step"] == 30
+    assert last["eval/loss"] < 0.75 * rows[0]["eval/loss"]
+    assert all(torch.isfinite(torch.tensor(r.get("train/loss", 0.0))) for r in rows)
+
+    policy_dir = tmp_path / "sft" / "final" / "policy"
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    trained = load_file(str(policy_dir / "model.safetensors"))
+    start = load_file(str(tiny_policy_dir / "model.safetensors"))
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert model.config.vocab_size == len(tiny_tokenizer())
+
+    (tmp_path / "sft_rewards.py").write_text("def length(prompts, responses):\n"
+                                             "    return [len(r) / 10 for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ppo = Config()
+    ppo.model.policy, ppo.model.critic, ppo.reward.function = str(policy_dir), "policy", "sft_rewards:length"
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {w}"} for w in WORDS[:4]])
+    ppo.data.prompts, ppo.rollout.batch_size, ppo.rollout.max_new_tokens = str(tmp_path / "prompts.jsonl"), 4, 6
+    ppo.train.out_dir, ppo.train.progress, ppo.train.threads = str(tmp_path / "ppo"), False, 1
+    step = PPOTrainer(ppo).step_once()
+    assert step["step"] == 1 and abs(step["kl/ref_mean"]) < 1e-4  # the reference is the SFT policy itself
+
+
+def test_sft_with_lora_and_bf16_saves_the_merged_policy_and_the_adapter(tmp_path, tiny_policy_dir):
+    cfg = sft_config(tmp_path, tiny_policy_dir, model__lora=True, model__lora_r=4, model__dtype="bfloat16",
+                     train__steps=4, train__lr=1e-2)
+    last = SFTTrainer(cfg).train()
+    assert torch.isfinite(torch.tensor(last["eval/loss"]))
+    final = tmp_path / "sft" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    merged = load_file(str(final / "policy" / "model.safetensors"))
+    assert not any("lora" in k for k in merged)
+
+
+def test_sft_resume_repeats_a_straight_run(tmp_path, tiny_policy_dir):
+    """Three steps, a checkpoint, a new process resuming: the same weights and metrics as six
+    steps in one go (data order, optimiser and schedule restored)."""
+    straight = sft_config(tmp_path, tiny_policy_dir, "straight", train__steps=6, train__micro_batch_size=2)
+    SFTTrainer(straight).train()
+
+    first = SFTTrainer(sft_config(tmp_path, tiny_policy_dir, "resumed", train__steps=6, train__micro_batch_size=2))
+    for _ in range(3):
+        first._write(first.step_once())
+    first.save_checkpoint()
+    del first
+    SFTTrainer.resume(tmp_path / "resumed").train()
+
+    a = load_file(str(tmp_path / "straight" / "final" / "policy" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "final" / "policy" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = {r["step"]: r.get("train/loss") for r in metrics(tmp_path / "straight")}
+    assert all(losses[r["step"]] == r.get("train/loss") for r in metrics(tmp_path / "resumed") if r["step"] > 3)
+
+
+# --------------------------------------------------------------------------------------
+# DPO
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_ranks_held_out_pairs_right(tmp_path, tiny_policy_dir, loss):
+    """Before training the policy is its reference: every implicit reward is 0, no pair is
+    ranked right (ties count as wrong) and the sigmoid loss is log 2. After 15 steps the
+    held-out pairs (unseen prompts) are ranked right with a positive margin."""
+    cfg = dpo_config(tmp_path, tiny_policy_dir, dpo__loss=loss, dpo__beta=0.5)
+    last = DPOTrainer(cfg).train()
+    start = metrics(tmp_path / "dpo")[0]
+    assert start["eval/rewards/accuracy"] == 0 and start["eval/rewards/margin"] == 0
+    if loss == "sigmoid":
+        assert start["eval/loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert last["eval/rewards/accuracy"] >= 0.9 and last["eval/rewards/margin"] > 0.2
+    assert last["rewards/chosen"] - last["rewards/rejected"] == pytest.approx(last["rewards/margin"], abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen"):
+        assert key in last
+
+
+def test_dpo_under_lora_uses_the_adapter_disabled_base_as_reference(tmp_path, tiny_policy_dir):
+    cfg = dpo_config(tmp_path, tiny_policy_dir, model__lora=True, model__lora_r=4, train__steps=8, train__lr=1e-2,
+                     dpo__beta=0.5)
+    trainer = DPOTrainer(cfg)
+    assert trainer.ref is None
+    # LoRA starts as the identity (B = 0): the policy is its reference, every reward 0.
+    assert trainer.evaluate()["eval/rewards/margin"] == 0
+    last = trainer.train()
+    assert last["eval/rewards/margin"] > 0
+    assert (tmp_path / "dpo" / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# The command line and bad input
+# --------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err.strip()
+
+
+def test_cli_runs_sft_then_dpo_from_yaml(tmp_path, tiny_policy_dir, capsys):
+    write_jsonl(tmp_path / "sft.jsonl", demonstrations(16))
+    write_jsonl(tmp_path / "dpo.jsonl", preferences(8))
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump({
+        "model": {"policy": str(tiny_policy_dir)}, "data": {"train": str(tmp_path / "sft.jsonl"), "max_length": 64},
+        "train": {"out_dir": str(tmp_path / "s"), "steps": 2, "progress": False, "threads": 1, "report": True}}))
+    assert main(["sft", str(tmp_path / "sft.yaml")]) == 0
+    assert (tmp_path / "s" / "report.html").is_file() and (tmp_path / "s" / "plots" / "loss.png").is_file()
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({
+        "model": {"policy": str(tmp_path / "s" / "final" / "policy")},
+        "data": {"train": str(tmp_path / "dpo.jsonl"), "max_length": 64, "max_prompt_tokens": 32},
+        "train": {"out_dir": str(tmp_path / "d"), "steps": 2, "progress": False, "threads": 1, "report": True}}))
+    assert main(["dpo", str(tmp_path / "dpo.yaml"), "dpo.beta=0.2"]) == 0
+    assert yaml.safe_load((tmp_path / "d" / "config.yaml").read_text())["dpo"]["beta"] == 0.2
+    # Resume extends the finished run: step 3 of 3 runs at the linear schedule's 1/3 of lr, not
+    # at the 0 the 2-step schedule ended with.
+    assert main(["dpo", "--resume", str(tmp_path / "d"), "train.steps=3"]) == 0
+    last = metrics(tmp_path / "d")[-1]
+    assert last["step"] == 3 and last["lr"] == pytest.approx(1e-6 / 3)
+    assert (tmp_path / "d" / "plots" / "dpo_rewards.png").is_file()
+
+
+BAD_SFT = [
+    ([{"prompt": "hi"}], "line 1: missing field `completion`"),
+    ([{"prompt": "hi", "completion": "x"}, {"messages": [{"role": "user", "content": "hi"}]}],
+     "line 2: `messages` has no assistant turn"),
+    ([{"prompt": "p" * 80, "completion": "x"}], "line 1: data.max_length=64 cuts every learned token"),
+    (["{not json"], "line 1: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("rows,message", BAD_SFT)
+def test_bad_demonstrations_get_one_line_naming_file_and_line(tmp_path, tiny_policy_dir, capsys, rows, message):
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    code, err = run_cli(capsys, "sft", f"model.policy={tiny_policy_dir}", f"data.train={data}", "data.max_length=64",
+                        "data.chat_template=false", f"train.out_dir={tmp_path / 'run'}", "train.progress=false")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(data) in err and message in err
+
+
+BAD_DPO = [
+    ([{"prompt": "q", "chosen": "a"}], "line 1: missing field `rejected`"),
+    ([{"prompt": "q", "chosen": "same", "rejected": "same"}], "line 1: `chosen` and `rejected` are the same text"),
+    ([{"prompt": "q", "chosen": "x" * 40 + "a", "rejected": "x" * 40 + "b"}],
+     "line 1: `chosen` and `rejected` are the same once cut to data.max_length=32"),
+]
+
+
+@pytest.mark.parametrize("rows,message", BAD_DPO)
+def test_bad_preferences_get_one_line_naming_file_and_line(tmp_path, tiny_policy_dir, capsys, rows, message):
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    code, err = run_cli(capsys, "dpo", f"model.policy={tiny_policy_dir}", f"data.train={data}", "data.max_length=32",
+                        "data.max_prompt_tokens=16", f"train.out_dir={tmp_path / 'run'}", "train.progress=false")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(data) in err and message in err
+
+
+def test_bad_config_values_name_the_field(tmp_path, capsys):
+    code, err = run_cli(capsys, "dpo", "data.train=x.jsonl", "dpo.beta=0")
+    assert code == 2 and "dpo.beta: expected > 0" in err
+    code, err = run_cli(capsys, "sft", "data.train=x.jsonl", "data.packing=maybe")
+    assert code == 2 and "data.packing: expected true or false" in err
+    code, err = run_cli(capsys, "sft", "--resume", str(tmp_path))
+    assert code == 2 and "no config.yaml" in err
+
+
+def test_every_field_of_the_new_sections_has_a_docstring():
+    """`ModelConfig` extends `PolicyConfig`: its documentation includes the inherited fields."""
+    from dataclasses import fields
+
+    from rlhf.config import ModelConfig, PolicyConfig, field_docs
+    from rlhf.dpo import DPODataConfig, DPOLossConfig, DPOTrainConfig
+    from rlhf.offline import OfflineTrainConfig
+
+    for cls in (PolicyConfig, ModelConfig, SFTDataConfig, OfflineTrainConfig, DPODataConfig, DPOLossConfig,
+                DPOTrainConfig):
+        docs = field_docs(cls)
+        assert [f.name for f in fields(cls) if not docs.get(f.name)] == [], cls.__name__
+    assert "critic" in field_docs(ModelConfig) and "lora" in field_docs(ModelConfig)
