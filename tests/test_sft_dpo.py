@@ -378,6 +378,7 @@ def test_bad_demonstrations_get_one_line_naming_file_and_line(tmp_path, tiny_pol
                         "data.chat_template=false", f"train.out_dir={tmp_path / 'run'}", "train.progress=false")
     assert code == 2 and len(err.splitlines()) == 1
     assert str(data) in err and message in err
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no config.yaml behind
 
 
 BAD_DPO = [
