@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +25,9 @@ class Prompt:
     """The prompt as the user wrote it (what a reward function or text reward model sees)."""
     messages: list | None = None
     """Chat messages, when the prompt was given as a conversation."""
+    metadata: dict = field(default_factory=dict)
+    """The record's other fields (e.g. `answer`, the ground truth a checker compares with):
+    what reward functions with a `metadata` keyword get for this prompt."""
 
 
 def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, str, dict]]:
@@ -50,17 +53,18 @@ def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, st
 
 
 def _prompt_from_record(record: dict, where: str) -> Prompt:
+    metadata = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
         ):
             raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
-        return Prompt(text="\n".join(m["content"] for m in messages), messages=messages)
+        return Prompt(text="\n".join(m["content"] for m in messages), messages=messages, metadata=metadata)
     if "prompt" in record:
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
             raise DataError(f"{where}: `prompt` must be a non-empty string")
-        return Prompt(text=record["prompt"])
+        return Prompt(text=record["prompt"], metadata=metadata)
     raise DataError(f"{where}: expected a `prompt` or `messages` field, found {sorted(record)}")
 
 
