@@ -2,7 +2,9 @@
 
 One step, top to bottom in `step_once`:
 
-1. generate: this process's prompts from the stream -> a `Rollout` (the generator seam);
+1. sample: this process's prompts from the stream, `rollout.samples_per_prompt` each, through
+   the generator seam -> a `Rollout` (`RolloutSampler`; with DAPO's dynamic sampling it
+   scores the groups and replaces those without signal);
 2. make experience: reward, old and reference log-probs, values, per-token rewards and
    advantages -> an `Experience` (`ExperienceMaker`, the maths in `rlhf.algos`);
 3. update: epochs x minibatches x micro-batches of the policy loss named by `ppo.algo`
@@ -48,9 +50,9 @@ log = logging.getLogger(__name__)
 class PPOTrainer:
     """Build from a `Config`, then `train()`, or `step_once()` for one step's metrics.
 
-    The stages are attributes: `generator` (a `Generator`), `models` (`ActorCritic`),
-    `experience` (`ExperienceMaker`), `updater` (`Updater`) and `engine` (the training
-    engine). Replace `generator` to sample another way.
+    The stages are attributes: `sampler` (`RolloutSampler`), `generator` (a `Generator`),
+    `models` (`ActorCritic`), `experience` (`ExperienceMaker`), `updater` (`Updater`) and
+    `engine` (the training engine). Replace `generator` to sample another way.
     """
 
     def __init__(self, cfg: Config, accelerator=None, *, engine=None, generator: Generator | None = None):

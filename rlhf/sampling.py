@@ -112,7 +112,7 @@ class RolloutSampler:
         rounds = dropped = 0
         while rounds < self.cfg.max_sampling_rounds:
             missing = want - len(kept)
-            if self.engine.sum(torch.tensor(float(missing))).item() == 0:
+            if self.engine.sum(torch.tensor(float(missing), device=self.engine.device)).item() == 0:
                 break
             rounds += 1
             prompt_indices = self.stream.next_batch(want)  # every process draws: the order stays shared
