@@ -5,7 +5,8 @@ With a group baseline (GRPO, RLOO, ...) a group whose scores are all equal has a
 everywhere: it costs a full update and teaches nothing. Dynamic sampling (Yu et al. 2025)
 scores each round's groups, keeps those whose scores differ, and draws the next prompts of
 the stream until `rollout.batch_size` groups are kept or `rollout.max_sampling_rounds`
-rounds have run. The batch keeps its fixed size either way: when the bound is hit, the
+rounds have run (each round samples `batch_size` prompts; groups with signal beyond those
+needed are not used). The batch keeps its fixed size either way: when the bound is hit, the
 remaining places are taken by the latest groups without signal (zero advantage under a group
 baseline, as without dynamic sampling), and `rollout/filled_groups` counts them.
 
