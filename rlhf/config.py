@@ -159,7 +159,8 @@ class RolloutConfig:
     """DAPO's dynamic sampling (needs samples_per_prompt >= 2): groups whose scores are all
     equal carry no signal with a group baseline; they are dropped and more prompts are drawn
     until batch_size groups have signal, for at most max_sampling_rounds rounds (what happens
-    then: `rlhf.sampling`). Logged: rollout/dropped_groups, rollout/sampling_rounds."""
+    then: `rlhf.sampling`). Logged: rollout/sampling_rounds, rollout/dropped_groups,
+    rollout/filled_groups."""
     max_sampling_rounds: int = 4
     """Most rounds of generation per step with dynamic_sampling (the first included)."""
 

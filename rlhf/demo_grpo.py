@@ -180,20 +180,21 @@ def evaluate(trainer, problems: list[dict], cfg: GRPODemoEvalConfig, desc: str, 
     import torch
     from tqdm.auto import tqdm
 
-    from rlhf.data import Prompt
+    from rlhf.data import Prompt, tokenize_prompts
     from rlhf.generation import decode_responses
     from rlhf.rollout import policy_forward
     from rlhf.verifiable import final_number, format_reward
 
-    prompts = [Prompt(text=p["prompt"], metadata={"answer": p["answer"]}) for p in problems]
-    ids = trainer._tokenize(prompts)
+    d = trainer.cfg.data
+    ids = tokenize_prompts([Prompt(text=p["prompt"]) for p in problems], trainer.tokenizer, d.max_prompt_tokens,
+                           d.chat_template, d.system_prompt)
     generator, models = trainer.generator, trainer.models
-    saved = generator.cfg
+    saved = generator.cfg  # the local generator's sampling settings: the evaluation's temperature for now
     generator.cfg = dataclasses.replace(saved, temperature=cfg.temperature)
     out = {"responses": [], "length": [], "entropy": []}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for i in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, disable=not progress):
+            for i in tqdm(range(0, len(ids), cfg.batch_size), desc=desc, disable=not progress):
                 torch.manual_seed(cfg.seed + i)
                 rollout = generator.generate(ids[i:i + cfg.batch_size])
                 _, entropy, _ = policy_forward(models.unwrapped_policy(), rollout, cfg.temperature,

@@ -1,5 +1,6 @@
-"""Reward signals: a sequence-classification reward model or a Python function, and the
-post-processing of their scores (normalisation, clipping, missing-EOS penalty, baseline)."""
+"""Reward signals: a sequence-classification reward model or Python functions (one, or
+several weighted), and the post-processing of their scores (normalisation, clipping,
+missing-EOS penalty, baseline, DAPO's overlong penalty)."""
 
 from __future__ import annotations
 
