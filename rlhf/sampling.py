@@ -92,6 +92,7 @@ class RolloutSampler:
         self.tokenizer, self.engine, self.score = tokenizer, engine, score
 
     def sample(self, generator: Generator) -> SampledBatch:
+        """This process's `batch_size` groups of `samples_per_prompt` sequences for one step."""
         if not self.cfg.dynamic_sampling:
             return self._round(generator, self.stream.next_batch(self.cfg.batch_size), scored=False)
         return self._dynamic(generator)
@@ -131,8 +132,10 @@ class RolloutSampler:
         filled = want - len(kept)
         chosen = kept + spare[len(spare) - filled:] if filled else kept
         out = _merge(chosen, self.tokenizer.pad_token_id)
-        out.stats = {"rollout/sampling_rounds": float(rounds), "rollout/dropped_groups": float(dropped),
-                     "rollout/filled_groups": float(filled)}
+        dropped, filled = (self.engine.sum(torch.tensor(float(n), device=self.engine.device)).item()
+                           for n in (dropped, filled))  # over every process
+        out.stats = {"rollout/sampling_rounds": float(rounds), "rollout/dropped_groups": dropped,
+                     "rollout/filled_groups": filled}
         return out
 
 

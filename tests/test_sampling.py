@@ -137,3 +137,45 @@ def test_dynamic_sampling_at_its_bound_fills_the_batch_and_says_so(workdir, tiny
     assert metrics["rollout/dropped_groups"] == 9 and metrics["rollout/filled_groups"] == 3
     assert trainer.stream.position + 5 * trainer.stream.epoch == 9  # three rounds of three prompts drawn
     assert metrics["reward/score_mean"] == 1.0 and metrics["reward/score_std"] == 0.0
+
+
+DIST_REWARDS = '''
+def flat_or_spread(prompts, responses):
+    return [1.0 if p.startswith("flat") else float(sum(map(ord, r)) % 97) for p, r in zip(prompts, responses)]
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["all_flat", "mixed"])
+def test_dynamic_sampling_in_two_processes(tmp_path, tiny_policy_dir, kind):
+    """Processes sample in lockstep (a process that is full still draws its shard, so the
+    prompt order stays shared, and rounds go on while any process misses groups); the counts
+    are summed over processes. All groups flat: every round of both processes is dropped and
+    the bound fills all 2 x 2 places. Mixed: no process is left short, and nothing hangs."""
+    import yaml
+    from test_distributed import _launch
+
+    (tmp_path / "dist_ds_rewards.py").write_text(textwrap.dedent(DIST_REWARDS))
+    prompts = [f"flat {i}" for i in range(8)] + ([] if kind == "all_flat" else [f"varied {i}" for i in range(8)])
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    rounds = 3 if kind == "all_flat" else 20
+    config = {
+        "model": {"policy": str(tiny_policy_dir)},
+        "reward": {"function": "dist_ds_rewards:flat_or_spread"},
+        "data": {"prompts": str(tmp_path / "prompts.jsonl"), "chat_template": False},
+        "rollout": {"batch_size": 2, "samples_per_prompt": 2, "max_new_tokens": 6, "temperature": 1.0,
+                    "dynamic_sampling": True, "max_sampling_rounds": rounds},
+        "ppo": {"advantage": "grpo", "kl_in_reward": False, "kl_estimator": "k3"},
+        "train": {"steps": 2, "out_dir": str(tmp_path / "run"), "save_every": 0, "progress": False, "report": False,
+                  "threads": 1},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    _launch(tmp_path, "-m", "rlhf", "ppo", str(tmp_path / "c.yaml"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        if kind == "all_flat":
+            assert (row["rollout/sampling_rounds"], row["rollout/dropped_groups"], row["rollout/filled_groups"]) \
+                == (3, 12, 4)
+        else:
+            assert row["rollout/filled_groups"] == 0 and row["reward/score_std"] > 0
