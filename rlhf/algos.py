@@ -375,6 +375,22 @@ def shape_rewards(
         return _zero_padding(rewards, mask)
 
 
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """(B,) DAPO's soft overlong punishment (Yu et al. 2025), added to the scores:
+
+        0                                     length <= max_new_tokens - buffer
+        -penalty * (length - (max - buffer)) / buffer   in the last `buffer` tokens
+        -penalty                              length >= max_new_tokens
+
+    A response cut at the limit has no real ending; the ramp tells the policy that long is
+    bad before the cut, instead of one cliff at the limit. `lengths` are response tokens."""
+    max_new_tokens = int(_check_number("max_new_tokens", max_new_tokens, 1))
+    buffer = int(_check_number("buffer", buffer, 1, max_new_tokens))
+    penalty = _check_number("penalty", penalty, 0.0)
+    excess = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0.0, max=float(buffer))
+    return -penalty * excess / buffer
+
+
 class _KLController:
     """The current KL coefficient `value`, and what a resume needs to restore it."""
 

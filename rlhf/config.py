@@ -95,7 +95,20 @@ class RewardConfig:
     """A local sequence-classification model directory with one label."""
     function: Optional[str] = None
     """A Python reward function as `module:function` taking (prompts, responses), lists of
-    strings, and returning one float per response."""
+    strings, and returning one float per response. A function that also takes a `metadata`
+    keyword gets each prompt's JSONL record (its fields other than prompt / messages, e.g.
+    `answer`), one dict per response."""
+    functions: list[str] = field(default_factory=list)
+    """Several reward functions (`module:function`, as `function`), summed with `weights`;
+    each one's mean is logged as `reward/<function name>_mean`. `rlhf.verifiable` has a
+    final-number checker and a format reward."""
+    weights: Optional[list[float]] = None
+    """One weight per entry of `functions` (default: 1 each)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: responses longer than max_new_tokens - overlong_buffer
+    lose up to `overlong_penalty`, linearly in the tokens past that point (0: off)."""
+    overlong_penalty: float = 1.0
+    """The penalty of a response that reaches max_new_tokens, with overlong_buffer > 0."""
     normalize: bool = True
     """Centre and scale scores with the mean and std saved with the reward model
     (`reward_stats.json`), when present."""
@@ -160,6 +173,14 @@ class RolloutConfig:
     `torch.multinomial`, which draws one random number per vocabulary entry, several times
     slower at a 50k vocabulary. Off: multinomial, the very tokens
     `generate(do_sample=True)` draws from the same random state."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (needs samples_per_prompt >= 2): groups whose scores are all
+    equal carry no signal with a group baseline; they are dropped and more prompts are drawn
+    until batch_size groups have signal, for at most max_sampling_rounds rounds (what happens
+    then: `rlhf.sampling`). Logged: rollout/sampling_rounds, rollout/dropped_groups,
+    rollout/filled_groups."""
+    max_sampling_rounds: int = 4
+    """Most rounds of generation per step with dynamic_sampling (the first included)."""
 
 
 # The parts each `ppo.algo` preset fills: advantage estimator, policy loss, loss aggregation
@@ -383,10 +404,31 @@ class Config:
         if algos.ADVANTAGE_ESTIMATORS[cfg.ppo.advantage].needs_groups and cfg.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt: ppo.advantage={cfg.ppo.advantage} compares samples of one "
                               f"prompt and needs at least 2, got {cfg.rollout.samples_per_prompt}")
-        if complete and (cfg.reward.model is None) == (cfg.reward.function is None):
-            raise ConfigError("reward: set exactly one of reward.model (a directory) or reward.function (module:function)")
+        cfg._validate_reward(complete)
+        if cfg.rollout.dynamic_sampling and cfg.rollout.samples_per_prompt < 2:
+            raise ConfigError("rollout.dynamic_sampling: drops groups of samples of one prompt whose scores are all "
+                              f"equal and needs rollout.samples_per_prompt >= 2, got {cfg.rollout.samples_per_prompt}")
         if complete and not cfg.data.prompts:
             raise ConfigError("data.prompts: a prompts file or directory is required")
+
+    def _validate_reward(self, complete: bool) -> None:
+        r = self.reward
+        named = [r.model is not None, r.function is not None, bool(r.functions)]
+        if complete and sum(named) != 1:
+            raise ConfigError("reward: set exactly one of reward.model (a directory), reward.function "
+                              "(module:function) or reward.functions (a list of module:function)")
+        if r.weights is not None and len(r.weights) != len(r.functions):
+            raise ConfigError(f"reward.weights: expected one weight per entry of reward.functions "
+                              f"({len(r.functions)}), got {len(r.weights)}")
+        names = [spec.rsplit(":", 1)[-1] for spec in r.functions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"reward.functions: two functions share a name ({', '.join(names)}); each is logged "
+                              "under its name")
+        if not 0 <= r.overlong_buffer <= self.rollout.max_new_tokens:
+            raise ConfigError(f"reward.overlong_buffer: expected 0 to rollout.max_new_tokens "
+                              f"({self.rollout.max_new_tokens}), got {r.overlong_buffer}")
+        if r.overlong_penalty < 0:
+            raise ConfigError(f"reward.overlong_penalty: expected >= 0, got {r.overlong_penalty}")
 
 
 RANGES = {
@@ -396,6 +438,7 @@ RANGES = {
     "data.max_prompt_tokens": "> 0",
     "rollout.batch_size": "> 0", "rollout.samples_per_prompt": "> 0", "rollout.max_new_tokens": "> 0",
     "rollout.temperature": "> 0", "rollout.top_k": ">= 0", "rollout.top_p": "(0, 1]",
+    "rollout.max_sampling_rounds": "> 0", "reward.overlong_buffer": ">= 0", "reward.overlong_penalty": ">= 0",
     "ppo.epochs": "> 0", "ppo.minibatch_size": "> 0", "ppo.micro_batch_size": "> 0", "ppo.lr": ">= 0",
     "ppo.critic_lr": ">= 0", "ppo.adam_eps": "> 0", "ppo.weight_decay": ">= 0", "ppo.warmup_steps": ">= 0",
     "ppo.kl_coef": ">= 0", "ppo.kl_target": "> 0", "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]",

@@ -2,7 +2,9 @@
 
 One step, top to bottom in `step_once`:
 
-1. generate: this process's prompts from the stream -> a `Rollout` (the generator seam);
+1. sample: this process's prompts from the stream, `rollout.samples_per_prompt` each, through
+   the generator seam -> a `Rollout` (`RolloutSampler`; with DAPO's dynamic sampling it
+   scores the groups and replaces those without signal);
 2. make experience: reward, old and reference log-probs, values, per-token rewards and
    advantages -> an `Experience` (`ExperienceMaker`, the maths in `rlhf.algos`);
 3. update: epochs x minibatches x micro-batches of the policy loss named by `ppo.policy_loss`
@@ -38,6 +40,7 @@ from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
 from rlhf.rundir import RunLock, append_row, own_run_dir, truncate_logs
+from rlhf.sampling import RolloutSampler
 from rlhf.step_metrics import step_metrics, write_samples
 from rlhf.tracking import Trackers
 from rlhf.updater import Updater
@@ -50,9 +53,9 @@ log = logging.getLogger(__name__)
 class PPOTrainer:
     """Build from a `Config`, then `train()`, or `step_once()` for one step's metrics.
 
-    The stages are attributes: `generator` (a `Generator`), `models` (`ActorCritic`),
-    `experience` (`ExperienceMaker`), `updater` (`Updater`) and `engine` (the training
-    engine). Replace `generator` to sample another way.
+    The stages are attributes: `sampler` (`RolloutSampler`), `generator` (a `Generator`),
+    `models` (`ActorCritic`), `experience` (`ExperienceMaker`), `updater` (`Updater`) and
+    `engine` (the training engine). Replace `generator` to sample another way.
     """
 
     def __init__(self, cfg: Config, accelerator=None, *, engine=None, generator: Generator | None = None,
@@ -78,6 +81,8 @@ class PPOTrainer:
         self.prompt_ids = self._tokenize(self.prompts)
         check_sequence_length(self.models.unwrapped_policy(), self.prompt_ids, cfg.rollout.max_new_tokens)
         self.stream = PromptStream(len(self.prompts), cfg.train.seed, self.engine.rank, self.engine.world)
+        self.sampler = RolloutSampler(self.stream, self.prompts, self.prompt_ids, cfg.rollout, self.tokenizer,
+                                      self.engine, self.experience.score)
         self.judge = import_function(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None
         self.eval_prompts = (load_prompts(cfg.eval.prompts, cfg.data.prompt_column) if cfg.eval.prompts
                              else self.prompts)
@@ -106,7 +111,8 @@ class PPOTrainer:
         if tokenizer.eos_token_id is None:
             raise UserInputError(f"model.policy: the tokenizer at {policy_path} has no EOS token")
         policy, ref = load_policy_and_reference(cfg, policy_path, backend)
-        reward = Reward(cfg.reward, tokenizer, cfg.model.cache_dir, cfg.model.trust_remote_code, backend.device)
+        reward = Reward(cfg.reward, tokenizer, cfg.model.cache_dir, cfg.model.trust_remote_code, backend.device,
+                        max_new_tokens=cfg.rollout.max_new_tokens)
         for frozen in (reward.model, policy if cfg.model.lora else None):  # a LoRA policy's base is frozen
             if frozen is not None:
                 backend.prepare_frozen(frozen)
@@ -159,15 +165,14 @@ class PPOTrainer:
         """One iteration; returns the metrics written to metrics.jsonl."""
         cfg, engine, times = self.cfg, self.engine, {}
         start = engine.clock()
-        group = cfg.rollout.samples_per_prompt  # samples of one prompt sit next to each other
-        indices = [i for i in self.stream.next_batch(cfg.rollout.batch_size) for _ in range(group)]
-        rollout = self.generator.generate([self.prompt_ids[i] for i in indices])
+        batch = self.sampler.sample(self.generator)  # samples of one prompt sit next to each other
         times["rollout"] = engine.clock() - start
 
         t = engine.clock()
-        prompts = [self.prompts[i].text for i in indices]
-        experience = self.experience.make(rollout, prompts, decode_responses(self.tokenizer, rollout),
-                                          kl_coef=self.kl_ctl.value, groups=torch.arange(len(indices)) // group)
+        prompts, metadata = batch.prompts(self.prompts)
+        experience = self.experience.make(batch.rollout, prompts, batch.responses, kl_coef=self.kl_ctl.value,
+                                          groups=batch.groups(cfg.rollout.samples_per_prompt), metadata=metadata,
+                                          scored=batch.scored)
         times["score"] = engine.clock() - t
 
         t = engine.clock()
@@ -182,6 +187,7 @@ class PPOTrainer:
         times["step"] = engine.clock() - start
 
         metrics = step_metrics(experience, result, engine, self.step, self.updater.lr, times)
+        metrics.update(batch.stats)
         metrics.update(self._eval_metrics())
         if engine.is_main and cfg.train.log_samples_every and self.step % cfg.train.log_samples_every == 0:
             write_samples(self.out_dir, self.step, experience, result, self.tokenizer, cfg.train.num_samples,
@@ -195,7 +201,8 @@ class PPOTrainer:
             return out
         prompts = self.eval_prompts[: e.num_prompts]
         result = self.evaluate(prompts, seed=self.cfg.train.seed)
-        judged = call_text_function(self.judge, [p.text for p in prompts], result["responses"], "eval.judge")
+        judged = call_text_function(self.judge, [p.text for p in prompts], result["responses"], "eval.judge",
+                                    [p.metadata for p in prompts])
         return {**out, "eval/judge_mean": float(np.mean(judged.numpy())), "eval/score_mean": float(np.mean(result["scores"]))}
 
     @torch.no_grad()
@@ -214,7 +221,8 @@ class PPOTrainer:
                 responses = decode_responses(self.tokenizer, rollout)
                 kl = ((self.models.logprobs(rollout) - self.models.ref_logprobs(rollout)) * rollout.response_mask).sum(-1)
                 out["responses"] += responses
-                out["scores"] += self.experience.raw_scores(texts[i:i + bs], responses, rollout).tolist()
+                out["scores"] += self.experience.raw_scores(texts[i:i + bs], responses, rollout,
+                                                            [p.metadata for p in prompts[i:i + bs]]).tolist()
                 out["kl"] += kl.tolist()
         return out
 
