@@ -89,17 +89,20 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
     from rlhf.models import atomic_save_pretrained
 
     final = out_dir / "final"
+    # Every process takes part: a sharding engine gathers the whole weights.
+    policy = engine.full_model(models.policy)
+    critic = engine.full_model(models.critic) if models.critic is not None else None
+    head = engine.full_state_dict(models.value_head) if models.value_head is not None else None
     if not engine.is_main:
         return final
-    policy = models.unwrapped_policy()
     if lora:
         atomic_save_pretrained([policy], final / "adapter")
         policy = copy.deepcopy(policy).merge_and_unload()
     atomic_save_pretrained([policy, tokenizer], final / "policy")
-    if models.critic is not None:
-        atomic_save_pretrained([engine.unwrap(models.critic), tokenizer], final / "critic")
-    elif models.value_head is not None:
+    if critic is not None:
+        atomic_save_pretrained([critic, tokenizer], final / "critic")
+    elif head is not None:
         from safetensors.torch import save_file
 
-        save_file(engine.unwrap(models.value_head).state_dict(), str(final / "value_head.safetensors"))
+        save_file(head, str(final / "value_head.safetensors"))
     return final

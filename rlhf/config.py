@@ -255,6 +255,15 @@ class TrainConfig:
     for a little more peak memory."""
     report: bool = True
     """Write report.html at the end of training."""
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
+    """How several processes share the work. `ddp`: every process holds whole models,
+    gradients are averaged. `fsdp2`: the trained models (policy, critic or value head) and
+    their optimiser state are sharded across processes with torch's FSDP2, per decoder layer;
+    generation runs on a gathered whole copy of the policy (rlhf.fsdp_engine)."""
+    shard_reference: bool = False
+    """With `distributed: fsdp2`, shard the frozen reference policy too (its forwards then
+    gather each layer's weights); off: every process keeps it whole. The reward model is
+    always kept whole."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -317,6 +326,9 @@ class Config:
         if algos.ADVANTAGE_ESTIMATORS[cfg.ppo.advantage].needs_groups and cfg.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt: ppo.advantage={cfg.ppo.advantage} compares samples of one "
                               f"prompt and needs at least 2, got {cfg.rollout.samples_per_prompt}")
+        if cfg.train.distributed == "fsdp2" and cfg.model.lora:
+            raise ConfigError("train.distributed: fsdp2 with model.lora is not supported (an adapter is small: "
+                              "use train.distributed=ddp)")
         if complete and (cfg.reward.model is None) == (cfg.reward.function is None):
             raise ConfigError("reward: set exactly one of reward.model (a directory) or reward.function (module:function)")
         if complete and not cfg.data.prompts:

@@ -56,6 +56,16 @@ class RecordingGenerator:
         self.inner.update_weights(policy)
 
 
+def make_generator(policy: nn.Module, cfg: RolloutConfig, tokenizer, backend, engine) -> Generator:
+    """The generator for this run: the lean loop on the trained policy, or on a gathered
+    whole copy of it when the engine shards parameters."""
+    if getattr(engine, "shards_parameters", False):
+        from rlhf.fsdp_engine import GatheredGenerator
+
+        return GatheredGenerator(engine, policy, cfg, tokenizer, backend)
+    return LocalGenerator(policy, cfg, tokenizer, backend)
+
+
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """Response texts, special tokens skipped, padding never decoded."""
     mask = rollout.response_mask.long()
@@ -63,4 +73,4 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
                                   skip_special_tokens=True)
 
 
-__all__ = ["Generator", "LocalGenerator", "RecordingGenerator", "decode_responses"]
+__all__ = ["Generator", "LocalGenerator", "RecordingGenerator", "decode_responses", "make_generator"]
