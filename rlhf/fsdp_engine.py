@@ -184,21 +184,31 @@ class FSDP2Engine(AccelerateEngine):
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
 
     def full_model(self, module: nn.Module) -> nn.Module:
-        """An unsharded copy of a sharded transformers model, on this process's device."""
+        """An unsharded copy of a sharded transformers model, on this process's device (a
+        collective: all processes call it together)."""
         from transformers.initialization import no_init_weights
 
-        state = self.full_state_dict(module)
         with torch.random.fork_rng(devices=[]), no_init_weights():
             copy = unsharded_class(module)(module.config)
-        copy.to(device=self.device, dtype=next(iter(state.values())).dtype)
-        copy.load_state_dict(state)
+        copy.to(device=self.device, dtype=next(module.parameters()).dtype)
+        for name, buffer in module.named_buffers():  # FSDP2 leaves buffers whole
+            copy.get_buffer(name).copy_(buffer)
+        self.refresh(copy, module)
         if getattr(module, "generation_config", None) is not None:
             copy.generation_config = module.generation_config
         return copy.eval().requires_grad_(False)
 
+    @torch.no_grad()
     def refresh(self, copy: nn.Module, module: nn.Module) -> None:
-        """Copy the sharded module's current weights into an unsharded `copy` of it."""
-        copy.load_state_dict(self.full_state_dict(module))
+        """Copy the sharded module's current weights into an unsharded `copy` of it, one
+        parameter at a time (the gathered whole tensors never all exist at once)."""
+        from torch.distributed.tensor import DTensor
+
+        target = dict(copy.named_parameters())
+        if target.keys() != dict(module.named_parameters()).keys():
+            raise RuntimeError(f"{type(copy).__name__}: the copy's parameters are not the sharded module's")
+        for name, param in module.named_parameters():
+            target[name].copy_(param.full_tensor() if isinstance(param, DTensor) else param)
 
     # State on disk ------------------------------------------------------------------
 
