@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +90,9 @@ class FSDP2Engine(AccelerateEngine):
         from torch.distributed.device_mesh import init_device_mesh
 
         ensure_process_group(self.device)
+        # A token-classification critic's logits are a view; rlhf reads them out of place
+        # (rollout.critic_forward), which is what FSDP2's warning asks for.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         self.mesh = init_device_mesh(self.device.type, (self.world,))
         self.shard_reference = shard_reference
         self.trained: list[tuple[nn.Module, torch.optim.Optimizer]] = []

@@ -65,7 +65,7 @@ class PPOTrainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self.tokenizer, self.reward, self.models, self.updater = self._build_models()
-        self.generator = generator or make_generator(self.models.unwrapped_policy(), cfg.rollout, self.tokenizer,
+        self.generator = generator or make_generator(self.models.unwrapped_policy(), cfg, self.tokenizer,
                                                      self.backend, self.engine)
         self.experience = ExperienceMaker(self.models, self.reward, self.engine, self.backend, cfg.ppo, cfg.reward)
         p = cfg.ppo
