@@ -144,6 +144,14 @@ class RolloutConfig:
     """`rollout.engine: vllm`: the share of GPU memory vLLM reserves for weights and KV cache
     (on CPUs, of the RAM it may use: keep it small there, e.g. 0.1); the trained models need
     the rest."""
+    vllm_kv_cache_gib: Optional[float] = None
+    """`rollout.engine: vllm`: the KV cache's size in GiB, instead of what
+    vllm_memory_utilization leaves (on CPUs vLLM counts the whole process's memory, the
+    trained models included, against that share: set this there)."""
+    vllm_sleep: bool = False
+    """`rollout.engine: vllm`, GPUs: free the engine's weights and KV cache between rollouts
+    (vLLM's sleep mode, level 2) so the update has that memory; they are reloaded from the
+    policy before the next rollout. vLLM has no sleep mode on CPUs."""
     inverse_cdf_sampling: bool = True
     """Draw each token by inverse-CDF sampling: one uniform number per sequence against the
     float64 cumulative sum of the probabilities. The same distribution as

@@ -75,12 +75,20 @@ class VLLMGenerator:
                                  "'Generation with vLLM') or use rollout.engine=hf") from None
         self.cfg, self.backend, self.policy = cfg, backend, policy
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        kv_bytes = int(cfg.vllm_kv_cache_gib * 2**30) if cfg.vllm_kv_cache_gib else None
         with kept_random_states():  # in process, vLLM seeds the global generators with `seed`
-            self.llm = LLM(model=str(model_path), tokenizer=str(model_path), seed=seed,
-                           dtype="bfloat16" if backend.precision.bf16 else "float32",
-                           gpu_memory_utilization=cfg.vllm_memory_utilization,
-                           max_model_len=max_prompt_tokens + cfg.max_new_tokens, enforce_eager=True,
-                           logprobs_mode="processed_logprobs")  # after temperature: what the trainer recomputes
+            try:
+                self.llm = LLM(model=str(model_path), tokenizer=str(model_path), seed=seed,
+                               dtype="bfloat16" if backend.precision.bf16 else "float32",
+                               gpu_memory_utilization=cfg.vllm_memory_utilization,
+                               max_model_len=max_prompt_tokens + cfg.max_new_tokens, enforce_eager=True,
+                               enable_sleep_mode=cfg.vllm_sleep, kv_cache_memory_bytes=kv_bytes,
+                               logprobs_mode="processed_logprobs")  # after temperature: what the trainer recomputes
+            except ValueError as e:
+                if cfg.vllm_sleep and "sleep mode" in str(e).lower():
+                    raise UserInputError("rollout.vllm_sleep: vLLM has no sleep mode on this platform "
+                                         "(CUDA and ROCm GPUs only); set it to false") from None
+                raise
         # No hidden top-k: vLLM's -1 is off, like rollout.top_k=0.
         self.sampling = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or -1, top_p=cfg.top_p,
                                        max_tokens=cfg.max_new_tokens, logprobs=0, stop_token_ids=[self.eos_id],
@@ -104,10 +112,18 @@ class VLLMGenerator:
     def generate(self, prompt_ids: list[list[int]]) -> Rollout:
         from vllm.inputs import TokensPrompt
 
+        sleeps = self.cfg.vllm_sleep
+        if sleeps:  # level 2 dropped the weights: wake them, reload, then the KV cache
+            self.llm.wake_up(tags=["weights"])
+            self.stale = True
         if self.stale:
             self.sync()
+        if sleeps:
+            self.llm.wake_up(tags=["kv_cache"])
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], self.sampling,
                                     use_tqdm=False)
+        if sleeps:
+            self.llm.sleep(level=2)
         samples = [o.outputs[0] for o in outputs]
         width = max(1, max(len(s.token_ids) for s in samples))
         response_ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)

@@ -6,6 +6,7 @@ everywhere. vLLM's CPU attention needs a head dimension of at least 32: the tiny
 has hidden 128 with 2 heads.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -33,7 +34,8 @@ def test_rollout_engine_is_validated_at_load():
         from_dict(Config, {"ppo": {"tis_cap": 0.5}}).validate()
 
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed (optional: README, 'Generation with vLLM')")
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (optional: README, 'Generation with vLLM')")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
@@ -47,7 +49,7 @@ def vllm_policy_dir(tmp_path_factory):
     return path
 
 
-def _generator(path, temperature=1.0, max_new_tokens=12):
+def _generator(path, temperature=1.0, max_new_tokens=12, **rollout):
     from rlhf.backend import make_backend
     from rlhf.config import RolloutConfig
     from rlhf.models import load_policy, load_tokenizer
@@ -57,7 +59,7 @@ def _generator(path, temperature=1.0, max_new_tokens=12):
     tokenizer = load_tokenizer(path, "left")
     policy = load_policy(path).eval()
     cfg = RolloutConfig(temperature=temperature, max_new_tokens=max_new_tokens, engine="vllm",
-                        vllm_memory_utilization=0.1)
+                        vllm_kv_cache_gib=0.25, **rollout)
     backend = make_backend(torch.device("cpu"), Precision("float32"))
     return VLLMGenerator(policy, cfg, tokenizer, backend, model_path=str(path), seed=0, max_prompt_tokens=32), \
         policy, tokenizer, cfg
@@ -70,6 +72,7 @@ def _recomputed(policy, rollout, temperature):
         return policy_forward(policy, rollout, temperature)[0] * rollout.response_mask
 
 
+@needs_vllm
 def test_vllm_samples_score_as_the_trainer_scores_them_before_and_after_a_weight_sync(vllm_policy_dir):
     gen, policy, tokenizer, cfg = _generator(vllm_policy_dir, temperature=0.8)
     prompts = [tokenizer("hello there")["input_ids"], tokenizer("the sea")["input_ids"], tokenizer("why")["input_ids"]]
@@ -92,3 +95,40 @@ def test_vllm_samples_score_as_the_trainer_scores_them_before_and_after_a_weight
     assert gap < 1e-3, gap
     stale = (rollout.gen_logprobs - _recomputed(before, rollout, cfg.temperature)).abs().max().item()
     assert stale > 100 * max(gap, 1e-5), (stale, gap)  # the engine did not keep the old weights
+
+
+@needs_vllm
+def test_a_run_sampling_with_vllm_learns(tmp_path, monkeypatch, vllm_policy_dir):
+    """The PPO loop with rollout.engine=vllm (and the truncated importance correction) raises
+    the share of vowels as the HF sampler does (tests/test_ppo.py); the engine's log-probs stay
+    within rounding of the trainer's at every step, so its weights followed every update."""
+    import textwrap
+
+    from test_ppo import PROMPTS, REWARDS, make_config, mean_score, metrics
+
+    from rlhf.ppo import PPOTrainer
+
+    (tmp_path / "ppo_test_rewards.py").write_text(textwrap.dedent(REWARDS))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    steps = 30
+    cfg = make_config(tmp_path, vllm_policy_dir, "vllm", train__steps=steps, rollout__engine="vllm",
+                      rollout__vllm_kv_cache_gib=0.25, ppo__tis_cap=2.0,
+                      reward__function="ppo_test_rewards:share_of_vowels")
+    PPOTrainer(cfg).train()
+    rows = metrics(tmp_path / "vllm")
+    assert len(rows) == steps
+    first, last = mean_score(rows[:5]), mean_score(rows[-5:])
+    assert last > first + 0.2, (first, last)
+    assert max(r["policy/logprob_gap"] for r in rows) < 1e-3
+
+
+@needs_vllm
+def test_sleep_mode_where_vllm_has_none_is_one_line(vllm_policy_dir):
+    """vLLM's sleep mode exists on GPUs only: asked for on a CPU, the error names the field."""
+    from rlhf.errors import UserInputError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU has sleep mode")
+    with pytest.raises(UserInputError, match="rollout.vllm_sleep: vLLM has no sleep mode on this platform"):
+        _generator(vllm_policy_dir, vllm_sleep=True)
