@@ -132,3 +132,31 @@ def test_sleep_mode_where_vllm_has_none_is_one_line(vllm_policy_dir):
         pytest.skip("a GPU has sleep mode")
     with pytest.raises(UserInputError, match="rollout.vllm_sleep: vLLM has no sleep mode on this platform"):
         _generator(vllm_policy_dir, vllm_sleep=True)
+
+
+@needs_vllm
+def test_fsdp2_on_two_processes_syncs_gathered_weights_into_each_engine(tmp_path, vllm_policy_dir):
+    """Two FSDP2 processes, each with its own in-process vLLM engine: the sharded policy is
+    gathered into the engine before every rollout, so the engine's log-probs stay within
+    rounding of the trainer's at every step (stale weights would show a gap from step 2)."""
+    import json
+
+    import yaml
+
+    from test_distributed import _launch, _write_inputs
+
+    _write_inputs(tmp_path, 'len(set(r)) / max(len(r), 1)')
+    data = {"model": {"policy": str(vllm_policy_dir), "critic": "policy"},
+            "reward": {"function": "dist_rewards:share_of_a"},
+            "data": {"prompts": str(tmp_path / "prompts.txt"), "chat_template": False},
+            "rollout": {"batch_size": 2, "max_new_tokens": 8, "temperature": 1.0, "engine": "vllm",
+                        "vllm_kv_cache_gib": 0.25},
+            "ppo": {"lr": 1e-2, "epochs": 2, "minibatch_size": 1},
+            "train": {"out_dir": str(tmp_path / "run"), "steps": 3, "save_every": 0, "progress": False,
+                      "report": False, "threads": 1, "distributed": "fsdp2"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    _launch(tmp_path, "-m", "rlhf", "ppo", str(tmp_path / "run.yaml"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert max(r["policy/logprob_gap"] for r in rows) < 1e-4, [r["policy/logprob_gap"] for r in rows]
+    assert max(r["policy/approx_kl"] for r in rows) > 1e-4  # the updates moved the policy between rollouts
