@@ -203,6 +203,9 @@ class AccelerateEngine:
         self.accelerator.save_state(directory, safe_serialization=True)
 
     def load_state(self, directory: str) -> None:
+        if os.path.isdir(os.path.join(directory, "sharded")):
+            raise UserInputError(f"--resume: {directory} was written with train.distributed=fsdp2; "
+                                 "resume with the setting the run was written with")
         self.accelerator.load_state(directory)
 
     def wait(self) -> None:

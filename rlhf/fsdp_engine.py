@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf.engine import AccelerateEngine
-from rlhf.errors import NonFiniteError
+from rlhf.errors import NonFiniteError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,9 @@ class FSDP2Engine(AccelerateEngine):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         directory = Path(directory)
+        if not (directory / "sharded").is_dir():
+            raise UserInputError(f"--resume: {directory} was written with train.distributed=ddp; "
+                                 "resume with the setting the run was written with")
         states = self._sharded_states()
         dcp.load(states, checkpoint_id=str(directory / "sharded"))
         for i, (module, opt) in enumerate(self.trained):

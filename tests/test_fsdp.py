@@ -123,3 +123,16 @@ def test_fsdp2_with_lora_is_refused_at_load(tmp_path):
         from_dict(Config, {"model": {"lora": True}, "train": {"distributed": "fsdp2"}}).validate()
     with pytest.raises(ConfigError, match="train.distributed: expected one of 'ddp', 'fsdp2'"):
         from_dict(Config, {"train": {"distributed": "zero3"}})
+
+
+def test_resuming_with_the_other_engine_is_one_line(tmp_path, tiny_policy_dir):
+    """A checkpoint written by one engine, read by the other: one line naming the setting."""
+    _write_inputs(tmp_path)
+    path = _fsdp_config(tmp_path, tiny_policy_dir, 2, "run", distributed="ddp", train={"steps": 1})
+    _run([sys.executable, "-m", "rlhf", "ppo", str(path)], tmp_path)
+    result = _run([sys.executable, "-m", "rlhf", "ppo", "--resume", str(tmp_path / "run"), "train.steps=2",
+                   "train.distributed=fsdp2"], tmp_path, check=False)
+    assert result.returncode != 0
+    assert "error: --resume: " in result.stderr and "was written with train.distributed=ddp" in result.stderr, \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
