@@ -41,10 +41,10 @@ def whole_weights(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if ".lora_" in name:
             continue
         tensor = param.full_tensor() if isinstance(param, DTensor) else param.detach()
-        if name in lora:
+        if name in lora:  # merged in fp32: a bf16 sum would round the small update away
             module = lora[name]
-            tensor = tensor + sum(module.get_delta_weight(a).to(tensor.dtype) for a in module.active_adapters
-                                  if a in module.lora_A)
+            tensor = tensor.float() + sum(module.get_delta_weight(a).float() for a in module.active_adapters
+                                          if a in module.lora_A)
         yield name.removeprefix("base_model.model.").replace(".base_layer.", "."), tensor
 
 

@@ -25,6 +25,29 @@ def test_truncated_importance_weights_are_the_capped_probability_ratio():
         algos.truncated_importance_weights(trainer, sampler, cap=0.5)
 
 
+def test_a_lora_policy_is_sent_merged_under_the_base_model_names():
+    """What the engine loads from a LoRA policy: transformers' names, the adapters merged, the
+    very weights peft's merge_and_unload gives (no vLLM needed)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.vllm_generator import whole_weights
+    from tiny import tiny_llama
+
+    policy = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a trained adapter (peft starts B at zero)
+    sent = dict(whole_weights(policy))
+    merged = copy.deepcopy(policy).merge_and_unload().state_dict()
+    assert sent.keys() == merged.keys()
+    for name, weight in merged.items():
+        torch.testing.assert_close(sent[name], weight, rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(sent[n], w) for n, w in tiny_llama().state_dict().items())  # the update is in
+
+
 def test_rollout_engine_is_validated_at_load():
     from rlhf.config import Config, ConfigError, from_dict
 
@@ -160,3 +183,21 @@ def test_fsdp2_on_two_processes_syncs_gathered_weights_into_each_engine(tmp_path
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert max(r["policy/logprob_gap"] for r in rows) < 1e-4, [r["policy/logprob_gap"] for r in rows]
     assert max(r["policy/approx_kl"] for r in rows) > 1e-4  # the updates moved the policy between rollouts
+
+
+@needs_vllm
+def test_vllm_samples_from_a_lora_policy_merged(vllm_policy_dir):
+    from peft import LoraConfig, get_peft_model
+
+    gen, policy, tokenizer, cfg = _generator(vllm_policy_dir)
+    lora = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    gen.update_weights(lora)
+    rollout = gen.generate([tokenizer("hello there")["input_ids"], tokenizer("why")["input_ids"]])
+    gap = (rollout.gen_logprobs - _recomputed(lora, rollout, cfg.temperature)).abs().max().item()
+    with lora.disable_adapter():
+        base_gap = (rollout.gen_logprobs - _recomputed(lora, rollout, cfg.temperature)).abs().max().item()
+    assert gap < 1e-3 < base_gap, (gap, base_gap)  # the adapter's policy, not the base model's
