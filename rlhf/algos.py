@@ -308,6 +308,18 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # --------------------------------------------------------------------------------------
 
 
+def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token min(exp(logprobs - sampler_logprobs), cap), detached: the truncated
+    importance weight of a token drawn by a sampler whose probabilities differ from the
+    trainer's (another engine's kernels or precision). Multiplying the policy-gradient term by
+    it corrects the expectation to the trainer's policy; the cap bounds the variance. 1 where
+    the two agree."""
+    _check_tensors(logprobs=logprobs, sampler_logprobs=sampler_logprobs)
+    if cap < 1:
+        raise ValueError(f"cap: expected >= 1, got {cap}")
+    return torch.exp(logprobs.detach() - sampler_logprobs.detach()).clamp(max=cap)
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman,
     "Approximating KL divergence"), with log_ratio = logprobs - ref_logprobs:

@@ -167,6 +167,22 @@ class RolloutConfig:
     small matmuls of each decoding step, which run far below the machine's rate otherwise.
     Same maths; the sums are rounded in another order, so the sampler's log-probs differ
     from the recomputed ones within rounding (policy/logprob_gap)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples: `hf`, rlhf's own decoding loop on the policy (or, under FSDP2, on a
+    gathered copy); `vllm`, an in-process vLLM engine loaded from the policy's directory, its
+    weights replaced by the trained ones after every update (vLLM must be installed)."""
+    vllm_memory_utilization: float = 0.5
+    """`rollout.engine: vllm`: the share of GPU memory vLLM reserves for weights and KV cache
+    (on CPUs, of the RAM it may use: keep it small there, e.g. 0.1); the trained models need
+    the rest."""
+    vllm_kv_cache_gib: Optional[float] = None
+    """`rollout.engine: vllm`: the KV cache's size in GiB, instead of what
+    vllm_memory_utilization leaves (on CPUs vLLM counts the whole process's memory, the
+    trained models included, against that share: set this there)."""
+    vllm_sleep: bool = False
+    """`rollout.engine: vllm`, GPUs: free the engine's weights and KV cache between rollouts
+    (vLLM's sleep mode, level 2) so the update has that memory; they are reloaded from the
+    policy before the next rollout. vLLM has no sleep mode on CPUs."""
     inverse_cdf_sampling: bool = True
     """Draw each token by inverse-CDF sampling: one uniform number per sequence against the
     float64 cumulative sum of the probabilities. The same distribution as
@@ -269,6 +285,11 @@ class PPOConfig:
     kl_in_reward: Optional[bool] = None
     """Fold the KL penalty into the per-token rewards (InstructGPT). Off: add
     kl_coef * KL to the policy loss instead (null: the preset's)."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling for samples drawn by another engine than the trainer's
+    forward (rollout.engine=vllm): weight each token's policy-gradient term by
+    min(pi_old / pi_sampler, tis_cap), the trainer's over the sampler's probability (null:
+    off). Corrects for the numerical gap between the two (policy/logprob_gap)."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -352,6 +373,15 @@ class TrainConfig:
     for a little more peak memory."""
     report: bool = True
     """Write report.html at the end of training."""
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
+    """How several processes share the work. `ddp`: every process holds whole models,
+    gradients are averaged. `fsdp2`: the trained models (policy, critic or value head) and
+    their optimiser state are sharded across processes with torch's FSDP2, per decoder layer;
+    generation runs on a gathered whole copy of the policy (rlhf.fsdp_engine)."""
+    shard_reference: bool = False
+    """With `distributed: fsdp2`, shard the frozen reference policy too (its forwards then
+    gather each layer's weights); off: every process keeps it whole. The reward model is
+    always kept whole."""
     progress: bool = True
     """Show a progress bar."""
     report_to: list[str] = field(default_factory=list)
@@ -408,6 +438,9 @@ class Config:
         if cfg.rollout.dynamic_sampling and cfg.rollout.samples_per_prompt < 2:
             raise ConfigError("rollout.dynamic_sampling: drops groups of samples of one prompt whose scores are all "
                               f"equal and needs rollout.samples_per_prompt >= 2, got {cfg.rollout.samples_per_prompt}")
+        if cfg.train.distributed == "fsdp2" and cfg.model.lora:
+            raise ConfigError("train.distributed: fsdp2 with model.lora is not supported (an adapter is small: "
+                              "use train.distributed=ddp)")
         if complete and not cfg.data.prompts:
             raise ConfigError("data.prompts: a prompts file or directory is required")
 
@@ -438,7 +471,8 @@ RANGES = {
     "data.max_prompt_tokens": "> 0",
     "rollout.batch_size": "> 0", "rollout.samples_per_prompt": "> 0", "rollout.max_new_tokens": "> 0",
     "rollout.temperature": "> 0", "rollout.top_k": ">= 0", "rollout.top_p": "(0, 1]",
-    "rollout.max_sampling_rounds": "> 0", "reward.overlong_buffer": ">= 0", "reward.overlong_penalty": ">= 0",
+    "rollout.max_sampling_rounds": "> 0", "rollout.vllm_memory_utilization": "(0, 1]",
+    "rollout.vllm_kv_cache_gib": "> 0", "ppo.tis_cap": ">= 1", "reward.overlong_buffer": ">= 0", "reward.overlong_penalty": ">= 0",
     "ppo.epochs": "> 0", "ppo.minibatch_size": "> 0", "ppo.micro_batch_size": "> 0", "ppo.lr": ">= 0",
     "ppo.critic_lr": ">= 0", "ppo.adam_eps": "> 0", "ppo.weight_decay": ">= 0", "ppo.warmup_steps": ">= 0",
     "ppo.kl_coef": ">= 0", "ppo.kl_target": "> 0", "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]",

@@ -31,10 +31,10 @@ from rlhf.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, r
 from rlhf.config import Config, ConfigError, save_config, to_dict
 from rlhf.data import Prompt, PromptStream, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor
-from rlhf.engine import AccelerateEngine, check_data_parallel, make_accelerator
+from rlhf.engine import check_data_parallel, make_accelerator, make_engine
 from rlhf.errors import NonFiniteError, UserInputError
 from rlhf.experience_maker import ExperienceMaker
-from rlhf.generation import Generator, LocalGenerator, decode_responses
+from rlhf.generation import Generator, decode_responses, make_generator
 from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
@@ -64,15 +64,15 @@ class PPOTrainer:
         (which removes that run's files); `resume` builds the trainer with `_resuming`."""
         self.cfg = cfg
         cfg.validate(complete=True)  # also configs built or completed in code
-        self.engine = engine or AccelerateEngine(accelerator)
+        self.engine = engine or make_engine(cfg.train, accelerator)
         self.accelerator = getattr(self.engine, "accelerator", None)
         self.backend = make_backend(self.engine.device, Precision(cfg.model.dtype), cfg.model, cfg.rollout)
         self.backend.setup_process(cfg.train)
         seed_everything(cfg.train.seed + self.engine.rank)  # own samples per process, shared prompt order
         self.out_dir = Path(cfg.train.out_dir)
         self.tokenizer, self.reward, self.models, self.updater = self._build_models()
-        self.generator = generator or LocalGenerator(self.models.unwrapped_policy(), cfg.rollout, self.tokenizer,
-                                                     self.backend)
+        self.generator = generator or make_generator(self.models.unwrapped_policy(), cfg, self.tokenizer,
+                                                     self.backend, self.engine)
         self.experience = ExperienceMaker(self.models, self.reward, self.engine, self.backend, cfg.ppo, cfg.reward)
         p = cfg.ppo
         self.kl_ctl = (algos.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
@@ -120,6 +120,7 @@ class PPOTrainer:
         for model in (policy, ref, critic, reward.model):
             if model is not None:
                 backend.prepare_model(model, checkpointed=bool(cfg.model.gradient_checkpointing))
+        ref = self.engine.prepare_frozen(ref) if ref is not None else None
         sequences = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
         _, _, micro = Updater.batch_shape(cfg.ppo, sequences)
         models = ActorCritic(policy, critic, value_head, ref, self.engine, backend, cfg.rollout.temperature,
