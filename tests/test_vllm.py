@@ -53,7 +53,7 @@ def test_rollout_engine_is_validated_at_load():
 
     with pytest.raises(ConfigError, match="rollout.engine: expected one of 'hf', 'vllm'"):
         from_dict(Config, {"rollout": {"engine": "sglang"}})
-    with pytest.raises(ConfigError, match="ppo.tis_cap: expected >= 1"):
+    with pytest.raises(ConfigError, match="ppo.tis_cap: expected a finite number >= 1, got 0.5"):
         from_dict(Config, {"ppo": {"tis_cap": 0.5}}).validate()
 
 
