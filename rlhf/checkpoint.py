@@ -293,9 +293,17 @@ def _unreadable_random_states(directory: Path, rank: int) -> str | None:
     from accelerate.utils import load
     from accelerate.utils.constants import RNG_STATE_NAME
 
-    path = directory / f"{RNG_STATE_NAME}_{rank}.pkl"
+    if (directory / "sharded").is_dir():  # the FSDP2 engine's own files (rlhf.fsdp_engine)
+        from safetensors.torch import load_file
+
+        path = directory / f"{RNG_STATE_NAME}_{rank}.json"
+        reader = lambda _: (json.loads(path.read_text()), load_file(str(path.with_suffix(".safetensors"))))
+    else:
+        path, reader = directory / f"{RNG_STATE_NAME}_{rank}.pkl", load
+    if rank > 0 and not path.is_file():
+        return None  # more processes than the run was written with: they keep their own states
     try:
-        load(path)
+        reader(path)
     except Exception as e:  # torch raises several types for a file it cannot unpickle
         return f"{path.name} is not readable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return None
@@ -330,15 +338,19 @@ def save_final(engine, out_dir: Path, models, tokenizer, lora: bool) -> Path:
     from rlhf.models import atomic_save_pretrained
 
     final = out_dir / "final"
+    # Every process takes part: a sharding engine gathers the whole weights.
+    policy = engine.full_model(models.policy)
+    critic = engine.full_model(models.critic) if models.critic is not None else None
+    head = engine.full_state_dict(models.value_head) if models.value_head is not None else None
     if not engine.is_main:
         return final
-    save_policy(final, models.unwrapped_policy(), tokenizer, lora)
-    if models.critic is not None:
-        atomic_save_pretrained([engine.unwrap(models.critic), tokenizer], final / "critic")
-    elif models.value_head is not None:
+    save_policy(final, policy, tokenizer, lora)
+    if critic is not None:
+        atomic_save_pretrained([critic, tokenizer], final / "critic")
+    elif head is not None:
         from safetensors.torch import save_file
 
-        save_file(engine.unwrap(models.value_head).state_dict(), str(final / "value_head.safetensors"))
+        save_file(head, str(final / "value_head.safetensors"))
     return final
 
 

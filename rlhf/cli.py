@@ -84,6 +84,11 @@ def _dpo(args) -> int:
 
 
 def _demo(args) -> None:
+    if args.overrides[:1] == ["grpo"]:  # `rlhf demo grpo [key=value ...]`: the verifiable-reward demo
+        from rlhf.demo_grpo import run_grpo_demo
+
+        run_grpo_demo(out_dir=args.out, overrides=args.overrides[1:])
+        return
     from rlhf.demo import run_demo
 
     run_demo(out_dir=args.out, overrides=args.overrides)
@@ -135,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the run already in train.out_dir (its config, logs, checkpoints and final model)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("demo", help="the embedded default end to end: reward model from human labels, PPO, evaluation")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--out", default=None, help="run directory (default runs/demo)")
+    p = sub.add_parser("demo", help="the embedded default end to end: reward model from human labels, PPO, evaluation; "
+                       "`rlhf demo grpo`: GRPO on generated problems with a verifiable reward")
+    p.add_argument("overrides", nargs="*", help="`grpo` for the verifiable-reward demo, then dotted.key=value overrides")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo, runs/demo-grpo)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("report", help="write report.html and plots for a run directory")

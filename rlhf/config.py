@@ -95,7 +95,20 @@ class RewardConfig:
     """A local sequence-classification model directory with one label."""
     function: Optional[str] = None
     """A Python reward function as `module:function` taking (prompts, responses), lists of
-    strings, and returning one float per response."""
+    strings, and returning one float per response. A function that also takes a `metadata`
+    keyword gets each prompt's JSONL record (its fields other than prompt / messages, e.g.
+    `answer`), one dict per response."""
+    functions: list[str] = field(default_factory=list)
+    """Several reward functions (`module:function`, as `function`), summed with `weights`;
+    each one's mean is logged as `reward/<function name>_mean`. `rlhf.verifiable` has a
+    final-number checker and a format reward."""
+    weights: Optional[list[float]] = None
+    """One weight per entry of `functions` (default: 1 each)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: responses longer than max_new_tokens - overlong_buffer
+    lose up to `overlong_penalty`, linearly in the tokens past that point (0: off)."""
+    overlong_penalty: float = 1.0
+    """The penalty of a response that reaches max_new_tokens, with overlong_buffer > 0."""
     normalize: bool = True
     """Centre and scale scores with the mean and std saved with the reward model
     (`reward_stats.json`), when present."""
@@ -154,12 +167,36 @@ class RolloutConfig:
     small matmuls of each decoding step, which run far below the machine's rate otherwise.
     Same maths; the sums are rounded in another order, so the sampler's log-probs differ
     from the recomputed ones within rounding (policy/logprob_gap)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples: `hf`, rlhf's own decoding loop on the policy (or, under FSDP2, on a
+    gathered copy); `vllm`, an in-process vLLM engine loaded from the policy's directory, its
+    weights replaced by the trained ones after every update (vLLM must be installed)."""
+    vllm_memory_utilization: float = 0.5
+    """`rollout.engine: vllm`: the share of GPU memory vLLM reserves for weights and KV cache
+    (on CPUs, of the RAM it may use: keep it small there, e.g. 0.1); the trained models need
+    the rest."""
+    vllm_kv_cache_gib: Optional[float] = None
+    """`rollout.engine: vllm`: the KV cache's size in GiB, instead of what
+    vllm_memory_utilization leaves (on CPUs vLLM counts the whole process's memory, the
+    trained models included, against that share: set this there)."""
+    vllm_sleep: bool = False
+    """`rollout.engine: vllm`, GPUs: free the engine's weights and KV cache between rollouts
+    (vLLM's sleep mode, level 2) so the update has that memory; they are reloaded from the
+    policy before the next rollout. vLLM has no sleep mode on CPUs."""
     inverse_cdf_sampling: bool = True
     """Draw each token by inverse-CDF sampling: one uniform number per sequence against the
     float64 cumulative sum of the probabilities. The same distribution as
     `torch.multinomial`, which draws one random number per vocabulary entry, several times
     slower at a 50k vocabulary. Off: multinomial, the very tokens
     `generate(do_sample=True)` draws from the same random state."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (needs samples_per_prompt >= 2): groups whose scores are all
+    equal carry no signal with a group baseline; they are dropped and more prompts are drawn
+    until batch_size groups have signal, for at most max_sampling_rounds rounds (what happens
+    then: `rlhf.sampling`). Logged: rollout/sampling_rounds, rollout/dropped_groups,
+    rollout/filled_groups."""
+    max_sampling_rounds: int = 4
+    """Most rounds of generation per step with dynamic_sampling (the first included)."""
 
 
 # The parts each `ppo.algo` preset fills: advantage estimator, policy loss, loss aggregation
@@ -248,6 +285,11 @@ class PPOConfig:
     kl_in_reward: Optional[bool] = None
     """Fold the KL penalty into the per-token rewards (InstructGPT). Off: add
     kl_coef * KL to the policy loss instead (null: the preset's)."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling for samples drawn by another engine than the trainer's
+    forward (rollout.engine=vllm): weight each token's policy-gradient term by
+    min(pi_old / pi_sampler, tis_cap), the trainer's over the sampler's probability (null:
+    off). Corrects for the numerical gap between the two (policy/logprob_gap)."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -331,6 +373,15 @@ class TrainConfig:
     for a little more peak memory."""
     report: bool = True
     """Write report.html at the end of training."""
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
+    """How several processes share the work. `ddp`: every process holds whole models,
+    gradients are averaged. `fsdp2`: the trained models (policy, critic or value head) and
+    their optimiser state are sharded across processes with torch's FSDP2, per decoder layer;
+    generation runs on a gathered whole copy of the policy (rlhf.fsdp_engine)."""
+    shard_reference: bool = False
+    """With `distributed: fsdp2`, shard the frozen reference policy too (its forwards then
+    gather each layer's weights); off: every process keeps it whole. The reward model is
+    always kept whole."""
     progress: bool = True
     """Show a progress bar."""
     report_to: list[str] = field(default_factory=list)
@@ -383,10 +434,34 @@ class Config:
         if algos.ADVANTAGE_ESTIMATORS[cfg.ppo.advantage].needs_groups and cfg.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt: ppo.advantage={cfg.ppo.advantage} compares samples of one "
                               f"prompt and needs at least 2, got {cfg.rollout.samples_per_prompt}")
-        if complete and (cfg.reward.model is None) == (cfg.reward.function is None):
-            raise ConfigError("reward: set exactly one of reward.model (a directory) or reward.function (module:function)")
+        cfg._validate_reward(complete)
+        if cfg.rollout.dynamic_sampling and cfg.rollout.samples_per_prompt < 2:
+            raise ConfigError("rollout.dynamic_sampling: drops groups of samples of one prompt whose scores are all "
+                              f"equal and needs rollout.samples_per_prompt >= 2, got {cfg.rollout.samples_per_prompt}")
+        if cfg.train.distributed == "fsdp2" and cfg.model.lora:
+            raise ConfigError("train.distributed: fsdp2 with model.lora is not supported (an adapter is small: "
+                              "use train.distributed=ddp)")
         if complete and not cfg.data.prompts:
             raise ConfigError("data.prompts: a prompts file or directory is required")
+
+    def _validate_reward(self, complete: bool) -> None:
+        r = self.reward
+        named = [r.model is not None, r.function is not None, bool(r.functions)]
+        if complete and sum(named) != 1:
+            raise ConfigError("reward: set exactly one of reward.model (a directory), reward.function "
+                              "(module:function) or reward.functions (a list of module:function)")
+        if r.weights is not None and len(r.weights) != len(r.functions):
+            raise ConfigError(f"reward.weights: expected one weight per entry of reward.functions "
+                              f"({len(r.functions)}), got {len(r.weights)}")
+        names = [spec.rsplit(":", 1)[-1] for spec in r.functions]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"reward.functions: two functions share a name ({', '.join(names)}); each is logged "
+                              "under its name")
+        if not 0 <= r.overlong_buffer <= self.rollout.max_new_tokens:
+            raise ConfigError(f"reward.overlong_buffer: expected 0 to rollout.max_new_tokens "
+                              f"({self.rollout.max_new_tokens}), got {r.overlong_buffer}")
+        if r.overlong_penalty < 0:
+            raise ConfigError(f"reward.overlong_penalty: expected >= 0, got {r.overlong_penalty}")
 
 
 RANGES = {
@@ -396,6 +471,8 @@ RANGES = {
     "data.max_prompt_tokens": "> 0",
     "rollout.batch_size": "> 0", "rollout.samples_per_prompt": "> 0", "rollout.max_new_tokens": "> 0",
     "rollout.temperature": "> 0", "rollout.top_k": ">= 0", "rollout.top_p": "(0, 1]",
+    "rollout.max_sampling_rounds": "> 0", "rollout.vllm_memory_utilization": "(0, 1]",
+    "rollout.vllm_kv_cache_gib": "> 0", "ppo.tis_cap": ">= 1", "reward.overlong_buffer": ">= 0", "reward.overlong_penalty": ">= 0",
     "ppo.epochs": "> 0", "ppo.minibatch_size": "> 0", "ppo.micro_batch_size": "> 0", "ppo.lr": ">= 0",
     "ppo.critic_lr": ">= 0", "ppo.adam_eps": "> 0", "ppo.weight_decay": ">= 0", "ppo.warmup_steps": ">= 0",
     "ppo.kl_coef": ">= 0", "ppo.kl_target": "> 0", "ppo.kl_horizon": "> 0", "ppo.gamma": "[0, 1]",

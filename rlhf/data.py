@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +25,9 @@ class Prompt:
     """The prompt as the user wrote it (what a reward function or text reward model sees)."""
     messages: list | None = None
     """Chat messages, when the prompt was given as a conversation."""
+    metadata: dict = field(default_factory=dict)
+    """The record's other fields (e.g. `answer`, the ground truth a checker compares with):
+    what reward functions with a `metadata` keyword get for this prompt."""
 
 
 def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, str, dict]]:
@@ -54,6 +57,7 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def _prompt_from_record(record: dict, where: str, column: str = "prompt") -> Prompt:
+    metadata = {k: v for k, v in record.items() if k not in (column, "messages")}
     if "messages" in record and column == "prompt":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages or not all(
@@ -63,11 +67,11 @@ def _prompt_from_record(record: dict, where: str, column: str = "prompt") -> Pro
         for i, m in enumerate(messages):
             if not isinstance(m["role"], str) or m["role"] not in ROLES:
                 raise DataError(f"{where}: messages[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
-        return Prompt(text="\n".join(m["content"] for m in messages), messages=messages)
+        return Prompt(text="\n".join(m["content"] for m in messages), messages=messages, metadata=metadata)
     if column in record:
         if not isinstance(record[column], str) or not record[column].strip():
             raise DataError(f"{where}: `{column}` must be a non-empty string")
-        return Prompt(text=record[column])
+        return Prompt(text=record[column], metadata=metadata)
     fields = "a `prompt` or `messages` field" if column == "prompt" else f"a `{column}` field (data.prompt_column)"
     raise DataError(f"{where}: expected {fields}, found {sorted(record)}")
 

@@ -2,8 +2,9 @@
 are accumulated, synchronised and applied, the collectives the statistics need, and the
 training state on disk.
 
-`AccelerateEngine` is data parallelism (DDP) through Accelerate, on CPUs or GPUs. A sharding
-engine (FSDP2) implements the same methods; the trainer calls nothing else.
+`AccelerateEngine` is data parallelism (DDP) through Accelerate, on CPUs or GPUs;
+`rlhf.fsdp_engine.FSDP2Engine` shards the trained models with FSDP2 and implements the same
+methods (`make_engine` picks by `train.distributed`); the trainer calls nothing else.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class TrainingEngine(Protocol):
     rank: int
     world: int
     is_main: bool
+    shards_parameters: bool
 
     def prepare(self, *objects): ...
+    def prepare_frozen(self, module: nn.Module) -> nn.Module: ...
     def unwrap(self, module: nn.Module) -> nn.Module: ...
     def accumulating(self, modules: Iterable[nn.Module], last: bool): ...
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -38,6 +41,8 @@ class TrainingEngine(Protocol):
     def mean(self, x: torch.Tensor) -> torch.Tensor: ...
     def sum(self, x: torch.Tensor) -> torch.Tensor: ...
     def reduce_mean(self, value: float) -> float: ...
+    def full_state_dict(self, module: nn.Module) -> dict: ...
+    def full_model(self, module: nn.Module) -> nn.Module: ...
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor: ...
     def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor: ...
     def save_state(self, directory: str) -> None: ...
@@ -58,29 +63,40 @@ def make_accelerator():
         raise UserInputError(f"accelerate config: {e}") from None
 
 
+def make_engine(train_cfg, accelerator=None) -> TrainingEngine:
+    """The engine `train.distributed` names: `ddp` (AccelerateEngine) or `fsdp2` (FSDP2Engine)."""
+    if train_cfg.distributed == "fsdp2":
+        from rlhf.fsdp_engine import FSDP2Engine
+
+        return FSDP2Engine(accelerator, shard_reference=train_cfg.shard_reference)
+    return AccelerateEngine(accelerator)
+
+
 def check_data_parallel(accelerator) -> None:
-    """Refuse the Accelerate setups that shard parameters or wrap several models differently
-    (FSDP, DeepSpeed, Megatron-LM): generation, the prepacked decoding weights and the final
-    save read each model's whole parameters on one process, so such a run would stop deep
-    inside a library or hang, not train. Data parallelism (DDP) over CPUs or GPUs is tested."""
+    """Refuse the Accelerate setups that shard parameters or wrap models themselves (FSDP,
+    DeepSpeed, Megatron-LM): rlhf shards with FSDP2 itself (`train.distributed=fsdp2`) over
+    processes Accelerate launched for data parallelism; under Accelerate's own sharding a run
+    would stop deep inside a library or hang, not train."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise UserInputError(
-            f"accelerate config: distributed type {kind.value} is not supported yet (generation and the final save "
-            "read whole parameters, which it shards); use data parallelism: `accelerate launch --multi_gpu` (DDP)")
+            f"accelerate config: distributed type {kind.value} is not supported; launch with `accelerate launch "
+            "--multi_gpu` (DDP), and set train.distributed=fsdp2 to shard the trained models")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         # On CPUs Accelerate turns an FSDP2 config into data parallelism, while transformers still
         # loads the weights of every process but the first on the meta device for FSDP to fill.
         raise UserInputError(
-            "accelerate config: FSDP was asked for, but Accelerate runs it only on accelerators and set up "
-            f"{kind.value} here; launch data parallelism instead: `accelerate launch --multi_gpu` (DDP)")
+            "accelerate config: FSDP was asked for through Accelerate, which runs it only on accelerators and "
+            f"set up {kind.value} here; launch with `accelerate launch --multi_gpu` and set train.distributed=fsdp2")
 
 
 class AccelerateEngine:
     """Data parallelism through Accelerate: one full copy of every model per process,
     gradients averaged across processes on the last micro-batch of each minibatch."""
+
+    shards_parameters = False
 
     def __init__(self, accelerator=None):
         self.accelerator = acc = accelerator or make_accelerator()
@@ -94,8 +110,20 @@ class AccelerateEngine:
     def prepare(self, *objects):
         return self.accelerator.prepare(*objects)
 
+    def prepare_frozen(self, module: nn.Module) -> nn.Module:
+        """A frozen model (the reference): every process keeps it whole."""
+        return module
+
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
+
+    def full_state_dict(self, module: nn.Module) -> dict:
+        """Every weight of `module`, whole (sharding engines gather it: call on every process)."""
+        return self.unwrap(module).state_dict()
+
+    def full_model(self, module: nn.Module) -> nn.Module:
+        """The whole model (sharding engines return a gathered copy: call on every process)."""
+        return self.unwrap(module)
 
     def accumulating(self, modules: Iterable[nn.Module], last: bool):
         """Context of one micro-batch's backward: DDP syncs gradients on the last one only."""
@@ -175,6 +203,9 @@ class AccelerateEngine:
     def load_state(self, directory: str) -> None:
         """Accelerate reads all of it back with `weights_only=True`: nothing registered as a
         custom object, whose pickles it would load with `weights_only=False`."""
+        if os.path.isdir(os.path.join(directory, "sharded")):
+            raise UserInputError(f"--resume: {directory} was written with train.distributed=fsdp2; "
+                                 "resume with the setting the run was written with")
         self.accelerator.load_state(directory)
 
     def wait(self) -> None:

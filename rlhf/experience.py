@@ -9,7 +9,7 @@ token t, scored under the state (prompt, response[:t]).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,8 @@ def _index(value, index: torch.Tensor):
         return value[index]
     if isinstance(value, list):
         return [value[i] for i in index.tolist()]
+    if isinstance(value, dict):
+        return {k: _index(v, index) for k, v in value.items()}
     return value
 
 
@@ -90,6 +92,9 @@ class Experience:
     groups: torch.Tensor | None = None
     """(B,) the index of each sequence's prompt in the step: the samples of one prompt
     (`rollout.samples_per_prompt`) share it."""
+    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With `reward.functions`: each function's (B,) scores by its name (raw_scores is their
+    weighted sum); empty otherwise."""
 
     @property
     def mask(self) -> torch.Tensor:

@@ -56,6 +56,21 @@ class RecordingGenerator:
         self.inner.update_weights(policy)
 
 
+def make_generator(policy: nn.Module, cfg, tokenizer, backend, engine) -> Generator:
+    """The generator `cfg.rollout.engine` names: vLLM, or the lean loop on the trained policy
+    (on a gathered whole copy of it when the engine shards parameters)."""
+    if cfg.rollout.engine == "vllm":
+        from rlhf.vllm_generator import VLLMGenerator
+
+        return VLLMGenerator(policy, cfg.rollout, tokenizer, backend, model_path=policy.config._name_or_path,
+                             seed=cfg.train.seed + engine.rank, max_prompt_tokens=cfg.data.max_prompt_tokens)
+    if getattr(engine, "shards_parameters", False):
+        from rlhf.fsdp_engine import GatheredGenerator
+
+        return GatheredGenerator(engine, policy, cfg.rollout, tokenizer, backend)
+    return LocalGenerator(policy, cfg.rollout, tokenizer, backend)
+
+
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """Response texts, special tokens skipped, padding never decoded."""
     mask = rollout.response_mask.long()
@@ -63,4 +78,4 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
                                   skip_special_tokens=True)
 
 
-__all__ = ["Generator", "LocalGenerator", "RecordingGenerator", "decode_responses"]
+__all__ = ["Generator", "LocalGenerator", "RecordingGenerator", "decode_responses", "make_generator"]

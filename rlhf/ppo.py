@@ -2,7 +2,9 @@
 
 One step, top to bottom in `step_once`:
 
-1. generate: this process's prompts from the stream -> a `Rollout` (the generator seam);
+1. sample: this process's prompts from the stream, `rollout.samples_per_prompt` each, through
+   the generator seam -> a `Rollout` (`RolloutSampler`; with DAPO's dynamic sampling it
+   scores the groups and replaces those without signal);
 2. make experience: reward, old and reference log-probs, values, per-token rewards and
    advantages -> an `Experience` (`ExperienceMaker`, the maths in `rlhf.algos`);
 3. update: epochs x minibatches x micro-batches of the policy loss named by `ppo.policy_loss`
@@ -27,16 +29,17 @@ from rlhf.checkpoint import TrainerState, latest_checkpoint, restore_run, resume
 from rlhf.config import Config, ConfigError, save_config, to_dict
 from rlhf.data import Prompt, PromptStream, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor
-from rlhf.engine import AccelerateEngine, check_data_parallel, make_accelerator
+from rlhf.engine import check_data_parallel, make_accelerator, make_engine
 from rlhf.errors import NonFiniteError, UserInputError
 from rlhf.experience_maker import ExperienceMaker
-from rlhf.generation import Generator, LocalGenerator, decode_responses
+from rlhf.generation import Generator, decode_responses, make_generator
 from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
 from rlhf.rundir import append_row, own_run_dir
 from rlhf.runloop import log_stopped, running, stop_agreed
+from rlhf.sampling import RolloutSampler
 from rlhf.step_metrics import step_metrics, write_samples
 from rlhf.tracking import Trackers
 from rlhf.updater import Updater
@@ -49,9 +52,9 @@ log = logging.getLogger(__name__)
 class PPOTrainer:
     """Build from a `Config`, then `train()`, or `step_once()` for one step's metrics.
 
-    The stages are attributes: `generator` (a `Generator`), `models` (`ActorCritic`),
-    `experience` (`ExperienceMaker`), `updater` (`Updater`) and `engine` (the training
-    engine). Replace `generator` to sample another way.
+    The stages are attributes: `sampler` (`RolloutSampler`), `generator` (a `Generator`),
+    `models` (`ActorCritic`), `experience` (`ExperienceMaker`), `updater` (`Updater`) and
+    `engine` (the training engine). Replace `generator` to sample another way.
     """
 
     def __init__(self, cfg: Config, accelerator=None, *, engine=None, generator: Generator | None = None,
@@ -60,15 +63,15 @@ class PPOTrainer:
         (which removes that run's files); `resume` builds the trainer with `_resuming`."""
         self.cfg = cfg
         cfg.validate(complete=True)  # also configs built or completed in code
-        self.engine = engine or AccelerateEngine(accelerator)
+        self.engine = engine or make_engine(cfg.train, accelerator)
         self.accelerator = getattr(self.engine, "accelerator", None)
         self.backend = make_backend(self.engine.device, Precision(cfg.model.dtype), cfg.model, cfg.rollout)
         self.backend.setup_process(cfg.train)
         seed_everything(cfg.train.seed + self.engine.rank)  # own samples per process, shared prompt order
         self.out_dir = Path(cfg.train.out_dir)
         self.tokenizer, self.reward, self.models, self.updater = self._build_models()
-        self.generator = generator or LocalGenerator(self.models.unwrapped_policy(), cfg.rollout, self.tokenizer,
-                                                     self.backend)
+        self.generator = generator or make_generator(self.models.unwrapped_policy(), cfg, self.tokenizer,
+                                                     self.backend, self.engine)
         self.experience = ExperienceMaker(self.models, self.reward, self.engine, self.backend, cfg.ppo, cfg.reward)
         p = cfg.ppo
         self.kl_ctl = (algos.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
@@ -77,6 +80,8 @@ class PPOTrainer:
         self.prompt_ids = self._tokenize(self.prompts)
         check_sequence_length(self.models.unwrapped_policy(), self.prompt_ids, cfg.rollout.max_new_tokens)
         self.stream = PromptStream(len(self.prompts), cfg.train.seed, self.engine.rank, self.engine.world)
+        self.sampler = RolloutSampler(self.stream, self.prompts, self.prompt_ids, cfg.rollout, self.tokenizer,
+                                      self.engine, self.experience.score)
         self.judge = import_function(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None
         self.eval_prompts = (load_prompts(cfg.eval.prompts, cfg.data.prompt_column) if cfg.eval.prompts
                              else self.prompts)
@@ -105,7 +110,8 @@ class PPOTrainer:
         if tokenizer.eos_token_id is None:
             raise UserInputError(f"model.policy: the tokenizer at {policy_path} has no EOS token")
         policy, ref = load_policy_and_reference(cfg, policy_path, backend)
-        reward = Reward(cfg.reward, tokenizer, cfg.model.cache_dir, cfg.model.trust_remote_code, backend.device)
+        reward = Reward(cfg.reward, tokenizer, cfg.model.cache_dir, cfg.model.trust_remote_code, backend.device,
+                        max_new_tokens=cfg.rollout.max_new_tokens)
         for frozen in (reward.model, policy if cfg.model.lora else None):  # a LoRA policy's base is frozen
             if frozen is not None:
                 backend.prepare_frozen(frozen)
@@ -113,6 +119,7 @@ class PPOTrainer:
         for model in (policy, ref, critic, reward.model):
             if model is not None:
                 backend.prepare_model(model, checkpointed=bool(cfg.model.gradient_checkpointing))
+        ref = self.engine.prepare_frozen(ref) if ref is not None else None
         sequences = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
         _, _, micro = Updater.batch_shape(cfg.ppo, sequences)
         models = ActorCritic(policy, critic, value_head, ref, self.engine, backend, cfg.rollout.temperature,
@@ -149,15 +156,14 @@ class PPOTrainer:
         """One iteration; returns the metrics written to metrics.jsonl."""
         cfg, engine, times = self.cfg, self.engine, {}
         start = engine.clock()
-        group = cfg.rollout.samples_per_prompt  # samples of one prompt sit next to each other
-        indices = [i for i in self.stream.next_batch(cfg.rollout.batch_size) for _ in range(group)]
-        rollout = self.generator.generate([self.prompt_ids[i] for i in indices])
+        batch = self.sampler.sample(self.generator)  # samples of one prompt sit next to each other
         times["rollout"] = engine.clock() - start
 
         t = engine.clock()
-        prompts = [self.prompts[i].text for i in indices]
-        experience = self.experience.make(rollout, prompts, decode_responses(self.tokenizer, rollout),
-                                          kl_coef=self.kl_ctl.value, groups=torch.arange(len(indices)) // group)
+        prompts, metadata = batch.prompts(self.prompts)
+        experience = self.experience.make(batch.rollout, prompts, batch.responses, kl_coef=self.kl_ctl.value,
+                                          groups=batch.groups(cfg.rollout.samples_per_prompt), metadata=metadata,
+                                          scored=batch.scored)
         times["score"] = engine.clock() - t
 
         t = engine.clock()
@@ -172,6 +178,7 @@ class PPOTrainer:
         times["step"] = engine.clock() - start
 
         metrics = step_metrics(experience, result, engine, self.step, self.updater.lr, times)
+        metrics.update(batch.stats)
         metrics.update(self._eval_metrics())
         if engine.is_main and cfg.train.log_samples_every and self.step % cfg.train.log_samples_every == 0:
             write_samples(self.out_dir, self.step, experience, result, self.tokenizer, cfg.train.num_samples,
@@ -185,7 +192,8 @@ class PPOTrainer:
             return out
         prompts = self.eval_prompts[: e.num_prompts]
         result = self.evaluate(prompts, seed=self.cfg.train.seed)
-        judged = call_text_function(self.judge, [p.text for p in prompts], result["responses"], "eval.judge")
+        judged = call_text_function(self.judge, [p.text for p in prompts], result["responses"], "eval.judge",
+                                    [p.metadata for p in prompts])
         return {**out, "eval/judge_mean": float(np.mean(judged.numpy())), "eval/score_mean": float(np.mean(result["scores"]))}
 
     @torch.no_grad()
@@ -204,7 +212,8 @@ class PPOTrainer:
                 responses = decode_responses(self.tokenizer, rollout)
                 kl = ((self.models.logprobs(rollout) - self.models.ref_logprobs(rollout)) * rollout.response_mask).sum(-1)
                 out["responses"] += responses
-                out["scores"] += self.experience.raw_scores(texts[i:i + bs], responses, rollout).tolist()
+                out["scores"] += self.experience.raw_scores(texts[i:i + bs], responses, rollout,
+                                                            [p.metadata for p in prompts[i:i + bs]]).tolist()
                 out["kl"] += kl.tolist()
         return out
 

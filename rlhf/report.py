@@ -516,7 +516,7 @@ def _summary_html(run: Run) -> str:
         ("run directory", str(run.path.resolve())),
         ("steps", f"{run.metrics[0]['step']}–{run.metrics[-1]['step']} ({len(run.metrics)} logged)"),
         ("policy", _cfg(c, "model.policy")),
-        ("reward", _cfg(c, "reward.model") or _cfg(c, "reward.function")),
+        ("reward", _cfg(c, "reward.model") or _cfg(c, "reward.function") or ", ".join(_cfg(c, "reward.functions") or [])),
         ("judge", _cfg(c, "eval.judge")),
         ("algorithm", _cfg(c, "ppo.algo")),
         ("kl_coef / kl_target", f"{_cfg(c, 'ppo.kl_coef', '–')} / {_cfg(c, 'ppo.kl_target', '–')}"),

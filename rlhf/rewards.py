@@ -1,15 +1,18 @@
-"""Reward signals: a sequence-classification reward model or a Python function, and the
-post-processing of their scores (normalisation, clipping, missing-EOS penalty, baseline)."""
+"""Reward signals: a sequence-classification reward model or Python functions (one, or
+several weighted), and the post-processing of their scores (normalisation, clipping,
+missing-EOS penalty, baseline, DAPO's overlong penalty)."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from rlhf import algos
 from rlhf.config import RewardConfig
 from rlhf.errors import UserInputError
 from rlhf.models import load_reward_model, load_tokenizer, read_reward_stats, resolve_model
@@ -40,10 +43,25 @@ def import_function(spec: str, field: str) -> Callable:
     return fn
 
 
-def call_text_function(fn: Callable, prompts: list[str], responses: list[str], field: str) -> torch.Tensor:
-    """Call a `(prompts, responses) -> list[float]` function and check what comes back."""
+def accepts_metadata(fn: Callable) -> bool:
+    """Whether `fn` takes a `metadata` keyword (or any keyword): it then gets each prompt's record."""
     try:
-        out = fn(list(prompts), list(responses))
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "metadata" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def call_text_function(fn: Callable, prompts: list[str], responses: list[str], field: str,
+                       metadata: list[dict] | None = None) -> torch.Tensor:
+    """Call a `(prompts, responses) -> list[float]` function and check what comes back; a
+    function that takes a `metadata` keyword also gets `metadata`, one dict per response (the
+    fields of its prompt's record, e.g. `answer`)."""
+    kwargs = {"metadata": list(metadata)} if metadata is not None and accepts_metadata(fn) else {}
+    try:
+        out = fn(list(prompts), list(responses), **kwargs)
+    except UserInputError:
+        raise
     except Exception as e:
         raise RewardError(f"{field}: the function raised {type(e).__name__}: {e}") from e
     values = real_numbers(out, field)
@@ -100,20 +118,27 @@ def real_numbers(out, field: str) -> list[float]:
 
 
 class Reward:
-    """Scores responses: `raw(prompts, responses, ...)` from a reward function or model, and
-    `process(raw, has_eos)`, the scores the policy is trained on.
+    """Scores responses: `raw(prompts, responses, ...)` from a reward model or from reward
+    functions (`reward.function`, or `reward.functions` weighted and summed), and
+    `process(raw, has_eos, ...)`, the scores the policy is trained on.
 
-    With a reward function, `model`, `path`, `tokenizer` and `stats` are None and
-    `same_tokenizer` is False."""
+    With reward functions, `model`, `path`, `tokenizer` and `stats` are None and
+    `same_tokenizer` is False; `functions` lists `(name, function, weight)`."""
 
     def __init__(self, cfg: RewardConfig, policy_tokenizer, cache_dir: str | None = None, trust_remote_code: bool = False,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", max_new_tokens: int | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
+        self.max_new_tokens = max_new_tokens
         self.fn = self.model = self.path = self.tokenizer = self.stats = None
+        self.functions: list[tuple[str, Callable, float]] = []
         self.same_tokenizer = False
         if cfg.function:
             self.fn = import_function(cfg.function, "reward.function")
+        elif cfg.functions:
+            weights = cfg.weights if cfg.weights is not None else [1.0] * len(cfg.functions)
+            self.functions = [(spec.rsplit(":", 1)[-1], import_function(spec, f"reward.functions[{i}]"), float(w))
+                              for i, (spec, w) in enumerate(zip(cfg.functions, weights))]
         else:
             self.path = resolve_model(cfg.model, cache_dir, field="reward.model")
             self.model = load_reward_model(self.path, trust_remote_code).eval().requires_grad_(False).to(self.device)
@@ -123,17 +148,34 @@ class Reward:
             # Same vocabulary: score the policy's own tokens, no decode and re-tokenise.
             self.same_tokenizer = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
 
-    @torch.no_grad()
     def raw(self, prompts: list[str], responses: list[str], sequence_ids: torch.Tensor | None = None,
-            sequence_mask: torch.Tensor | None = None, precision: Precision = FP32) -> torch.Tensor:
+            sequence_mask: torch.Tensor | None = None, precision: Precision = FP32,
+            metadata: list[dict] | None = None) -> torch.Tensor:
         """Unprocessed scores, one per response (float32, on the reward's device).
 
         With a reward model, the input is the prompt text followed by the response text
         (`reward.include_prompt`), or, when the reward model shares the policy's tokenizer, the
-        policy's own token ids (`sequence_ids`, left-padded prompt + response).
+        policy's own token ids (`sequence_ids`, left-padded prompt + response). Reward
+        functions that take a `metadata` keyword get `metadata` (one dict per response).
         """
+        return self.raw_and_components(prompts, responses, sequence_ids, sequence_mask, precision, metadata)[0]
+
+    @torch.no_grad()
+    def raw_and_components(self, prompts: list[str], responses: list[str], sequence_ids: torch.Tensor | None = None,
+                           sequence_mask: torch.Tensor | None = None, precision: Precision = FP32,
+                           metadata: list[dict] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`raw(...)` and, with `reward.functions`, each function's own scores by its name
+        (the weighted sum of which is the raw score); an empty dict otherwise."""
         if self.fn is not None:
-            return call_text_function(self.fn, prompts, responses, "reward.function").to(self.device)
+            return call_text_function(self.fn, prompts, responses, "reward.function", metadata).to(self.device), {}
+        if self.functions:
+            components = {name: call_text_function(fn, prompts, responses, f"reward.functions: {name}", metadata)
+                          .to(self.device) for name, fn, _ in self.functions}
+            total = sum(w * components[name] for name, _, w in self.functions)
+            return total, components
+        return self._model_scores(prompts, responses, sequence_ids, sequence_mask, precision), {}
+
+    def _model_scores(self, prompts, responses, sequence_ids, sequence_mask, precision) -> torch.Tensor:
         scores = []
         bs = self.cfg.batch_size
         use_ids = self.same_tokenizer and sequence_ids is not None and self.cfg.include_prompt
@@ -151,8 +193,11 @@ class Reward:
             scores.append(logits[:, 0].float())
         return torch.cat(scores)
 
-    def process(self, raw: torch.Tensor, has_eos: torch.Tensor, baseline: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw scores -> the scores PPO optimises: baseline, normalisation, clipping, EOS penalty.
+    def process(self, raw: torch.Tensor, has_eos: torch.Tensor, baseline: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores -> the scores PPO optimises: baseline, normalisation, clipping, EOS
+        penalty, and DAPO's overlong penalty (`reward.overlong_buffer`, from the responses'
+        `lengths` in tokens).
 
         A reward model's scale sets the effective KL coefficient, so scores are centred and
         scaled by the statistics saved with it (pitfall: clip or normalise raw scores).
@@ -167,4 +212,9 @@ class Reward:
             scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
         if self.cfg.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, torch.full_like(scores, self.cfg.missing_eos_penalty))
+        if self.cfg.overlong_buffer and lengths is not None:
+            if self.max_new_tokens is None:
+                raise ValueError("Reward: reward.overlong_buffer needs max_new_tokens (given at construction)")
+            scores = scores + algos.overlong_penalty(lengths.to(scores.device), self.max_new_tokens,
+                                                     self.cfg.overlong_buffer, self.cfg.overlong_penalty)
         return scores

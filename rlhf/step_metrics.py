@@ -33,6 +33,7 @@ def step_metrics(exp: Experience, result: UpdateResult, engine, step: int, lr: f
         "reward/score_mean": all_scores.mean().item(),
         "reward/score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
         "reward/raw_mean": engine.mean(exp.raw_scores).item(),
+        **{f"reward/{name}_mean": engine.mean(v).item() for name, v in exp.reward_components.items()},
         "reward/total_mean": engine.mean((exp.rewards * mask).sum(-1)).item(),
         **groups,
         "kl/ref_mean": engine.mean(exp.sequence_kl).item(),

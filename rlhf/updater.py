@@ -120,6 +120,9 @@ class Updater:
 
         pg_tokens, pg_stats = self.loss_fn(out.logprobs, sub.old_logprobs, sub.advantages, m, clip_eps=p.clip_eps,
                                            clip_eps_high=p.clip_eps_high, dual_clip=p.dual_clip)
+        if p.tis_cap is not None and sub.rollout.gen_logprobs is not None:
+            pg_tokens = pg_tokens * algos.truncated_importance_weights(sub.old_logprobs, sub.rollout.gen_logprobs,
+                                                                       p.tis_cap)
         loss = agg(pg_tokens) - p.entropy_coef * agg(out.entropy)
         if not p.kl_in_reward and sub.kl_coef > 0:
             loss = loss + sub.kl_coef * agg(algos.kl_penalty(out.logprobs, sub.ref_logprobs, p.kl_estimator))

@@ -147,8 +147,8 @@ def test_two_processes_resume_where_they_stopped(tmp_path, tiny_policy_dir):
 
 
 def test_parameter_sharding_setups_are_refused_with_one_line(tmp_path):
-    """FSDP, DeepSpeed and Megatron-LM shard parameters that generation and the final save read
-    whole: refused at start, naming the setting. (Accelerate builds no FSDP accelerator on a
+    """Accelerate's own FSDP, DeepSpeed and Megatron-LM wrap the models themselves: refused at
+    start, naming the setting and pointing to train.distributed=fsdp2. (Accelerate builds no FSDP accelerator on a
     CPU-only machine, so the check is fed the distributed type alone; a real single-process
     Accelerator passes.)"""
     from types import SimpleNamespace
@@ -161,7 +161,7 @@ def test_parameter_sharding_setups_are_refused_with_one_line(tmp_path):
 
     check_data_parallel(Accelerator(cpu=True))
     for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        with pytest.raises(UserInputError, match=f"distributed type {kind.value} is not supported.*DDP"):
+        with pytest.raises(UserInputError, match=f"distributed type {kind.value} is not supported.*fsdp2"):
             check_data_parallel(SimpleNamespace(distributed_type=kind))
 
 
@@ -179,4 +179,4 @@ def test_fsdp_launch_on_cpus_ends_with_one_line(tmp_path, tiny_policy_dir, fsdp_
     assert "Traceback" not in result.stderr.split("error: accelerate config:")[0]  # nothing before the line
     assert "rlhf/ppo.py" not in result.stderr  # no traceback through our code
     if fsdp_args:
-        assert "FSDP was asked for" in result.stderr and "--multi_gpu" in result.stderr
+        assert "FSDP was asked for" in result.stderr and "train.distributed=fsdp2" in result.stderr
