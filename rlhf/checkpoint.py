@@ -21,7 +21,8 @@ import traceback
 from pathlib import Path
 
 from rlhf.errors import UserInputError
-from rlhf.rundir import write_failure
+from rlhf.optim import restore_schedule
+from rlhf.rundir import truncate_logs, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,9 @@ class CheckpointError(UserInputError):
 
 
 class TrainerState:
-    """What resume needs beyond weights, optimisers and schedules: the step, the KL
-    controller, the prompt stream, the health monitor and the minibatch-shuffling generator
-    of every process."""
+    """What resume needs beyond weights and optimisers: the step, the learning-rate
+    schedules, the KL controller, the prompt stream, the health monitor and the
+    minibatch-shuffling generator of every process."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -48,7 +49,8 @@ class TrainerState:
         t = self.trainer
         shuffle = t.engine.gather_objects([t.shuffle_rng.get_state()])
         return {"step": t.step, "kl_ctl": t.kl_ctl.state_dict(), "prompts": t.stream.state_dict(),
-                "monitor": t.monitor.state_dict(), "shuffle_rng": shuffle}
+                "monitor": t.monitor.state_dict(), "shuffle_rng": shuffle,
+                "schedules": {name: s.state_dict() for name, s in t.updater.schedulers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         t = self.trainer
@@ -56,6 +58,8 @@ class TrainerState:
         t.kl_ctl.load_state_dict(state["kl_ctl"])
         t.stream.load_state_dict(state["prompts"])
         t.monitor.load_state_dict(state["monitor"])
+        for name, scheduler in t.updater.schedulers.items():
+            restore_schedule(scheduler, state["schedules"][name])
         shuffle = state["shuffle_rng"]
         world, rank = t.engine.world, t.engine.rank
         if len(shuffle) != world and rank == 0:
@@ -89,6 +93,7 @@ RESUMABLE = ("train.", "eval.", "diagnostics.", "model.cache_dir", "reward.batch
 it logs, evaluates and checks itself. The rest is fixed by the checkpoint (models, the
 optimiser's learning rates, the KL controller) or by the run's identity (data, seed)."""
 FIXED = ("train.seed", "train.out_dir")
+"""Fields under RESUMABLE that are fixed all the same."""
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -101,38 +106,61 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_config(run_dir: Path, overrides: list[str]):
-    """The config a run resumes with: its config.yaml plus `overrides`, validated, and
-    refused (naming the fields) where an override could not take effect."""
+def resume_config(run_dir: Path, overrides: list[str], config_cls=None, resumable: tuple = RESUMABLE,
+                  fixed: tuple = FIXED):
+    """The config a run resumes with: its config.yaml (a `config_cls`, by default PPO's
+    `Config`) plus `overrides`, refused (naming the fields) where an override could not take
+    effect: only fields under `resumable`, but not those in `fixed`, may change."""
     import copy
 
     from rlhf.config import Config, apply_overrides, from_dict, read_yaml
 
+    config_cls = config_cls or Config
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.is_file():
         raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
     saved = read_yaml(config_path)
     saved.setdefault("train", {})["out_dir"] = str(run_dir)  # the directory may have moved
-    cfg = from_dict(Config, apply_overrides(copy.deepcopy(saved), overrides))
-    refuse_fixed_changes(from_dict(Config, saved), cfg)
+    cfg = from_dict(config_cls, apply_overrides(copy.deepcopy(saved), overrides))
+    refuse_fixed_changes(from_dict(config_cls, saved), cfg, resumable, fixed)
     return cfg
 
 
-def refuse_fixed_changes(saved, wanted) -> None:
+def refuse_fixed_changes(saved, wanted, resumable: tuple = RESUMABLE, fixed: tuple = FIXED) -> None:
     """Raise naming every override that a resumed run could not honour (the run's config
     would claim a value its checkpoint does not have); log the ones that take effect."""
     import dataclasses
 
     before, after = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(wanted))
     changed = [k for k in after if before.get(k) != after[k]]
-    fixed = [k for k in changed if k in FIXED or not k.startswith(RESUMABLE)]
-    if fixed:
+    refused = [k for k in changed if k in fixed or not k.startswith(resumable)]
+    if refused:
+        allowed = ", ".join(f"{r}*" if r.endswith(".") else r for r in resumable)
         raise CheckpointError(
-            f"--resume: {', '.join(fixed)} cannot change when a run resumes (fixed by its checkpoint or its "
-            "identity); only train.* (but seed), eval.*, diagnostics.*, model.cache_dir and reward.batch_size can; "
-            "start a new run for the others")
+            f"--resume: {', '.join(refused)} cannot change when a run resumes (fixed by its checkpoint or its "
+            f"identity); only {allowed} can, but not {', '.join(fixed)}; start a new run for the others")
     for key in changed:
         log.info("resume: %s = %r (was %r)", key, after[key], before.get(key))
+
+
+def restore_run(trainer, run_dir: Path) -> Path:
+    """Load the newest checkpoint that verifies into `trainer` (built for resuming, from
+    `resume_config`); only once it has loaded are the logs cut back to its step and
+    config.yaml rewritten with the overrides. A failure releases the run's lock."""
+    from rlhf.config import save_config
+
+    run_dir = Path(run_dir)
+    try:
+        checkpoint = load_checkpoint(trainer.engine, run_dir, trainer.state)
+    except BaseException:
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
+        raise
+    if trainer.engine.is_main:
+        truncate_logs(run_dir, trainer.step)
+        save_config(trainer.cfg, run_dir / "config.yaml")
+    log.info("resumed from %s at step %d", checkpoint, trainer.step)
+    return checkpoint
 
 
 # Writing ------------------------------------------------------------------------------
@@ -182,21 +210,24 @@ def save_checkpoint(engine, out_dir: Path, step: int, keep: int, trainer_state: 
 
 
 def write_trainer_state(directory: Path, state: dict) -> None:
-    """The shuffling generators' states as safetensors, everything else as JSON."""
+    """The shuffling generators' states (`shuffle_rng`, if the trainer has them) as
+    safetensors, everything else as JSON."""
     from safetensors.torch import save_file
 
     state = dict(state)
-    generators = state.pop("shuffle_rng")
+    generators = state.pop("shuffle_rng", None)
     (Path(directory) / STATE_JSON).write_text(json.dumps(state))
-    save_file({f"shuffle_rng.{i}": g for i, g in enumerate(generators)}, str(Path(directory) / STATE_TENSORS))
+    if generators is not None:
+        save_file({f"shuffle_rng.{i}": g for i, g in enumerate(generators)}, str(Path(directory) / STATE_TENSORS))
 
 
 def read_trainer_state(directory: Path) -> dict:
     from safetensors.torch import load_file
 
     state = json.loads((Path(directory) / STATE_JSON).read_text())
-    tensors = load_file(str(Path(directory) / STATE_TENSORS))
-    state["shuffle_rng"] = [tensors[f"shuffle_rng.{i}"] for i in range(len(tensors))]
+    if (Path(directory) / STATE_TENSORS).is_file():
+        tensors = load_file(str(Path(directory) / STATE_TENSORS))
+        state["shuffle_rng"] = [tensors[f"shuffle_rng.{i}"] for i in range(len(tensors))]
     return state
 
 

@@ -16,27 +16,40 @@ again, i.e. `--resume`); a job script can requeue on it."""
 
 
 def _ppo(args) -> int:
-    from rlhf.config import Config, UserInputError, load_config
+    from rlhf.config import Config
     from rlhf.ppo import PPOTrainer
 
+    code, _ = _train(_trainer(PPOTrainer, Config, args), "ppo")
+    return code
+
+
+def _trainer(trainer_cls, config_cls, args):
+    """A new run from CONFIG.yaml and overrides (`--overwrite` replaces a run in its
+    train.out_dir), or the run in --resume RUN_DIR continued, with overrides."""
+    from rlhf.config import UserInputError, load_config
+
+    command = args.command
     if args.resume:
         if args.config is not None or args.overwrite:
-            raise UserInputError("rlhf ppo --resume RUN_DIR takes overrides only (no CONFIG.yaml, no --overwrite)")
-        trainer = PPOTrainer.resume(Path(args.resume), overrides=args.overrides)
-    else:
-        if args.config is None:
-            raise UserInputError("rlhf ppo: give a CONFIG.yaml or --resume RUN_DIR")
-        cfg = load_config(Config, args.config, args.overrides)
-        trainer = PPOTrainer(cfg, overwrite=args.overwrite)
+            raise UserInputError(f"rlhf {command} --resume RUN_DIR takes overrides only (no CONFIG.yaml, no --overwrite)")
+        return trainer_cls.resume(Path(args.resume), overrides=args.overrides)
+    if args.config is None and not args.overrides:
+        raise UserInputError(f"rlhf {command}: give a CONFIG.yaml (or key=value settings) or --resume RUN_DIR")
+    return trainer_cls(load_config(config_cls, args.config, args.overrides), overwrite=args.overwrite)
+
+
+def _train(trainer, command: str):
+    """(exit status, what `train()` returned): STOPPED, with how to continue, when a signal
+    stopped the run."""
     try:
-        trainer.train()
+        result = trainer.train()
     finally:
         trainer.engine.end()  # destroys the process group under `accelerate launch`
     if trainer.stop_signal is not None:
-        print(f"rlhf ppo: stopped by {trainer.stop_signal} after step {trainer.step}, checkpoint saved; "
-              f"continue with: rlhf ppo --resume {trainer.out_dir}", file=sys.stderr)
-        return STOPPED
-    return 0
+        print(f"rlhf {command}: stopped by {trainer.stop_signal} after step {trainer.step}, checkpoint saved; "
+              f"continue with: rlhf {command} --resume {trainer.out_dir}", file=sys.stderr)
+        return STOPPED, result
+    return 0, result
 
 
 def _reward_model(args) -> None:
@@ -48,32 +61,26 @@ def _reward_model(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def _offline(trainer_cls, args) -> None:
-    """`rlhf sft` and `rlhf dpo`: a new run from CONFIG.yaml and overrides, or --resume RUN_DIR."""
-    from rlhf.config import load_config
-
-    if args.resume:
-        trainer = trainer_cls.resume(Path(args.resume), overrides=args.overrides)
-    else:
-        trainer = trainer_cls(load_config(trainer_cls.config_cls, args.config, args.overrides))
-    try:
-        row = trainer.train()
-        if trainer.engine.is_main:
-            print(json.dumps(row, indent=2))
-    finally:
-        trainer.engine.end()
+def _offline(trainer_cls, args) -> int:
+    """`rlhf sft` and `rlhf dpo`: the last metrics row is printed at the end."""
+    trainer = _trainer(trainer_cls, trainer_cls.config_cls, args)
+    is_main = trainer.engine.is_main
+    code, row = _train(trainer, args.command)
+    if code == 0 and is_main:
+        print(json.dumps(row, indent=2))
+    return code
 
 
-def _sft(args) -> None:
+def _sft(args) -> int:
     from rlhf.sft import SFTTrainer
 
-    _offline(SFTTrainer, args)
+    return _offline(SFTTrainer, args)
 
 
-def _dpo(args) -> None:
+def _dpo(args) -> int:
     from rlhf.dpo import DPOTrainer
 
-    _offline(DPOTrainer, args)
+    return _offline(DPOTrainer, args)
 
 
 def _demo(args) -> None:
@@ -129,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", help="YAML config")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in train.out_dir (its config, logs, checkpoints and final model)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="the embedded default end to end: reward model from human labels, PPO, evaluation; "

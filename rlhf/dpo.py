@@ -152,9 +152,9 @@ class DPOTrainer(OfflineTrainer):
     config_cls = DPOConfig
     needs_reference = True
 
-    def __init__(self, cfg: DPOConfig, accelerator=None, *, engine=None):
+    def __init__(self, cfg: DPOConfig, accelerator=None, **options):
         self._eval_ref: dict[int, torch.Tensor] = {}  # held-out batch -> the reference's log-probs
-        super().__init__(cfg, accelerator, engine=engine)
+        super().__init__(cfg, accelerator, **options)
 
     def load_items(self) -> tuple[list, list]:
         d = self.cfg.data

@@ -196,7 +196,8 @@ class AccelerateEngine:
     # State on disk ------------------------------------------------------------------
 
     def save_state(self, directory: str) -> None:
-        """Weights as safetensors; optimiser, schedule and random states through torch.save."""
+        """Weights as safetensors; optimiser and random states through torch.save (the
+        learning-rate schedules are not prepared: they travel in the trainer's state)."""
         self.accelerator.save_state(directory, safe_serialization=True)
 
     def load_state(self, directory: str) -> None:

@@ -18,10 +18,7 @@ boundary; padding is a segment of its own after every real token.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -31,16 +28,16 @@ import torch
 from rlhf import algos
 from rlhf.actor_critic import load_policy_and_reference, load_trainable_policy
 from rlhf.backend import make_backend
-from rlhf.checkpoint import latest_checkpoint, save_checkpoint, save_policy
-from rlhf.config import ConfigError, apply_overrides, from_dict, save_config
+from rlhf.checkpoint import restore_run, resume_config, save_checkpoint, save_policy
+from rlhf.config import ConfigError, save_config
 from rlhf.data import PromptStream
 from rlhf.engine import AccelerateEngine
 from rlhf.errors import NonFiniteError, UserInputError
 from rlhf.models import load_tokenizer, resolve_model
-from rlhf.optim import lr_schedule
+from rlhf.optim import lr_schedule, restore_schedule
 from rlhf.precision import Precision
-
-log = logging.getLogger(__name__)
+from rlhf.rundir import append_row, own_run_dir
+from rlhf.runloop import log_stopped, running, stop_agreed
 
 
 @dataclass
@@ -185,18 +182,29 @@ def check_packing(model) -> None:
 
 
 class OfflineState:
-    """What resume needs beyond weights, optimiser and schedule: the step and the position in
-    the example stream (registered with the engine, saved in every checkpoint)."""
+    """What resume needs beyond weights and optimiser: the step, the position in the example
+    stream and the learning-rate schedule (saved in every checkpoint as JSON)."""
 
     def __init__(self, trainer: "OfflineTrainer"):
         self.trainer = trainer
 
     def state_dict(self) -> dict:
-        return {"step": self.trainer.step, "stream": self.trainer.stream.state_dict()}
+        t = self.trainer
+        return {"step": t.step, "stream": t.stream.state_dict(), "schedule": t.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.trainer.step = state["step"]
-        self.trainer.stream.load_state_dict(state["stream"])
+        t = self.trainer
+        t.step = state["step"]
+        t.stream.load_state_dict(state["stream"])
+        restore_schedule(t.scheduler, state["schedule"])
+
+
+RESUMABLE = ("train.", "model.cache_dir")
+"""What may change when an offline run resumes: how long it runs (train.steps, train.epochs),
+how it evaluates, logs, saves and uses the machine."""
+FIXED = ("train.seed", "train.out_dir", "train.batch_size", "train.lr", "train.weight_decay", "train.adam_eps",
+         "train.lr_schedule", "train.warmup_steps", "train.max_grad_norm")
+"""The run's identity (data order) and its optimisation, fixed by the checkpoint."""
 
 
 class OfflineTrainer:
@@ -209,7 +217,9 @@ class OfflineTrainer:
     needs_reference = False
     """True for a stage that compares the policy with its frozen starting point (DPO)."""
 
-    def __init__(self, cfg, accelerator=None, *, engine=None):
+    def __init__(self, cfg, accelerator=None, *, engine=None, overwrite: bool = False, _resuming: bool = False):
+        """A new run refuses a `train.out_dir` that holds another run unless `overwrite`
+        (which removes that run's files); `resume` builds the trainer with `_resuming`."""
         cfg.validate()
         self.cfg, t = cfg, cfg.train
         self.engine = engine or AccelerateEngine(accelerator)
@@ -218,9 +228,6 @@ class OfflineTrainer:
         self.backend.setup_process(t)
         torch.manual_seed(t.seed)  # LoRA's initial weights: the same on every process
         self.out_dir = Path(t.out_dir)
-        if self.engine.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
         path = resolve_model(cfg.model.policy, cfg.model.cache_dir, field="model.policy")
         self.tokenizer = load_tokenizer(path, "right", cfg.model.trust_remote_code)
         if self.tokenizer.eos_token_id is None:
@@ -241,9 +248,11 @@ class OfflineTrainer:
         # takes the batch to grow with the processes), so N processes would decay it N times faster.
         self.scheduler = lr_schedule(self.optimizer, t.warmup_steps, self.total_steps, t.lr_schedule)
         self.step = 0
-        self._stop_requested = False
-        self.engine.register_for_checkpointing(self.scheduler)
-        self.engine.register_for_checkpointing(OfflineState(self))
+        self.stop_signal: str | None = None  # the name of the signal that stopped train() early
+        self.state = OfflineState(self)
+        # Last: a trainer that failed to build holds no lock and leaves no run behind.
+        self.run_lock = own_run_dir(self.engine, self.out_dir, None if _resuming else overwrite,
+                                    lambda: save_config(cfg, self.out_dir / "config.yaml"), self.command)
 
     def _load_models(self, path: Path):
         """The policy to train and, for a stage that needs one, the frozen reference (None
@@ -287,38 +296,16 @@ class OfflineTrainer:
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, accelerator=None):
-        """Rebuild the trainer from `run_dir/config.yaml` (plus overrides, e.g. train.steps)
-        and restore its latest complete checkpoint: weights, optimiser, schedule, random
-        states and the position in the example stream."""
-        import yaml
-
-        config_path = Path(run_dir) / "config.yaml"
-        if not config_path.is_file():
-            raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
-        data = apply_overrides(yaml.safe_load(config_path.read_text()), list(overrides or []))
-        data["train"]["out_dir"] = str(run_dir)
-        trainer = cls(from_dict(cls.config_cls, data), accelerator)
-        checkpoint = latest_checkpoint(Path(run_dir))
-        if checkpoint is None:
-            raise UserInputError(f"--resume {run_dir}: no complete checkpoint under checkpoints/")
-        trainer.engine.load_state(str(checkpoint))
-        trainer._reschedule()
-        log.info("resumed from %s at step %d", checkpoint, trainer.step)
+        """Rebuild the trainer from `run_dir/config.yaml` and restore the newest checkpoint that
+        verifies: weights, optimiser, schedule, random states and the position in the example
+        stream. Overrides may change how long the run is (train.steps, train.epochs: the
+        learning rate of the restored step is taken from the longer schedule), how it
+        evaluates, logs and saves; others are refused by name. config.yaml is rewritten, and
+        the logs cut back to the checkpoint's step, only once it has loaded."""
+        cfg = resume_config(run_dir, list(overrides or []), cls.config_cls, RESUMABLE, FIXED)
+        trainer = cls(cfg, accelerator, _resuming=True)
+        restore_run(trainer, run_dir)
         return trainer
-
-    def _reschedule(self) -> None:
-        """Set the learning rate of the restored step under this run's schedule: a resumed run
-        may be longer than the one checkpointed (train.steps=N), and the optimiser's state
-        holds the rate of the old schedule (0 at the end of a linear decay)."""
-        import warnings
-
-        t = self.cfg.train
-        fresh = lr_schedule(self.optimizer, t.warmup_steps, self.total_steps, t.lr_schedule)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "scheduler stepped before the optimiser": on purpose
-            for _ in range(self.step):
-                fresh.step()
-        self.scheduler.load_state_dict(fresh.state_dict())
 
     # One step ---------------------------------------------------------------------
 
@@ -356,52 +343,51 @@ class OfflineTrainer:
     # The loop ---------------------------------------------------------------------
 
     def train(self) -> dict:
-        """Run to the last step (Ctrl-C finishes the current step, saves and exits); returns
-        the last metrics row, with the final held-out metrics."""
+        """Run to the last step; returns the last metrics row, with the final held-out
+        metrics. SIGINT (Ctrl-C), SIGTERM or SIGUSR1 finishes the current step, saves a
+        checkpoint and returns with `stop_signal` set; a second signal aborts."""
         from tqdm.auto import tqdm
 
-        from rlhf.ppo import stop_after_step_on_interrupt
-
         t = self.cfg.train
-        if self.step == 0 and self.eval_items:
-            self._write({"step": 0, **self.evaluate()})
-        previous = stop_after_step_on_interrupt(self)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.command,
                    disable=not t.progress or not self.engine.is_main)
         row: dict = {}
         try:
-            while self.step < self.total_steps and not self._stop_requested:
-                row = self.step_once()
-                last = self.step == self.total_steps
-                if self.eval_items and (last or (t.eval_every and self.step % t.eval_every == 0)):
-                    row.update(self.evaluate())
-                if last or self.step % t.log_every == 0 or any(k.startswith("eval/") for k in row):
-                    self._write(row)
-                bar.update(1)
-                bar.set_postfix({"loss": f"{row['train/loss']:.3f}"})
-                if t.save_every and self.step % t.save_every == 0 and not last:
-                    self.save_checkpoint()
-            self.save_checkpoint()
-            if self.step >= self.total_steps:
-                self.save_final()
-                if t.report and self.engine.is_main:
-                    from rlhf.report import write_report
+            with running(self):
+                if self.step == 0 and self.eval_items:
+                    self._write({"step": 0, **self.evaluate()})
+                while self.step < self.total_steps and not stop_agreed(self):
+                    row = self.step_once()
+                    last = self.step == self.total_steps
+                    if self.eval_items and (last or (t.eval_every and self.step % t.eval_every == 0)):
+                        row.update(self.evaluate())
+                    if last or self.step % t.log_every == 0 or any(k.startswith("eval/") for k in row):
+                        self._write(row)
+                    bar.update(1)
+                    bar.set_postfix({"loss": f"{row['train/loss']:.3f}"})
+                    if t.save_every and self.step % t.save_every == 0 and not last:
+                        self.save_checkpoint()
+                self.save_checkpoint()
+                if self.stop_signal is not None:
+                    log_stopped(self, self.command)
+                elif self.step >= self.total_steps:
+                    self.save_final()
+                    if t.report and self.engine.is_main:
+                        from rlhf.report import write_report
 
-                    write_report(self.out_dir)
+                        write_report(self.out_dir)
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
         return row
 
     def _write(self, row: dict) -> None:
         if self.engine.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(self.out_dir / "metrics.jsonl", row)
 
     def save_checkpoint(self) -> Path:
         """Atomic: written into a temporary directory, renamed when complete."""
-        return save_checkpoint(self.engine, self.out_dir, self.step, self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.engine, self.out_dir, self.step, self.cfg.train.keep_checkpoints,
+                               self.state.state_dict())
 
     def save_final(self) -> Path:
         """final/policy (merged under LoRA, the adapter in final/adapter), with the tokenizer."""
@@ -413,4 +399,3 @@ class OfflineTrainer:
 
     def unwrapped_policy(self):
         return self.engine.unwrap(self.policy)
-

@@ -19,3 +19,15 @@ def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps
     `total_steps`; one `step()` per optimiser step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         _warmup_then_decay, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule))
+
+
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Put `scheduler` (built for this run by `lr_schedule`) at the position of a saved one
+    (`state_dict()`, also after a JSON round trip) and set the optimiser's learning rate for
+    that position under this run's schedule. A resumed run may be longer than the one
+    checkpointed (train.steps=N): the restored optimiser holds the old schedule's rate
+    (0 at the end of a linear decay), and the saved position is all that carries over."""
+    scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
+    # step() moves one position on and sets every group's rate for it: one back first.
+    scheduler.last_epoch -= 1
+    scheduler.step()

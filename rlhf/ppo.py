@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,7 @@ import torch
 from rlhf import algos
 from rlhf.actor_critic import ActorCritic, load_critic_or_head, load_policy_and_reference
 from rlhf.backend import make_backend
-from rlhf.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, resume_config, save_checkpoint,
-                             save_final)
+from rlhf.checkpoint import TrainerState, latest_checkpoint, restore_run, resume_config, save_checkpoint, save_final
 from rlhf.config import Config, ConfigError, save_config, to_dict
 from rlhf.data import Prompt, PromptStream, load_prompts, tokenize_prompts
 from rlhf.diagnostics import HealthMonitor
@@ -39,7 +37,8 @@ from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
 from rlhf.rollout import warn_off_policy
-from rlhf.rundir import RunLock, append_row, own_run_dir, truncate_logs
+from rlhf.rundir import append_row, own_run_dir
+from rlhf.runloop import log_stopped, running, stop_agreed
 from rlhf.sampling import RolloutSampler
 from rlhf.step_metrics import step_metrics, write_samples
 from rlhf.tracking import Trackers
@@ -148,16 +147,7 @@ class PPOTrainer:
         run_dir = Path(run_dir)
         cfg = resume_config(run_dir, list(overrides or []))
         trainer = cls(cfg, accelerator, _resuming=True)
-        try:
-            checkpoint = load_checkpoint(trainer.engine, run_dir, trainer.state)
-        except BaseException:
-            if trainer.run_lock is not None:
-                trainer.run_lock.release()
-            raise
-        if trainer.engine.is_main:
-            truncate_logs(run_dir, trainer.step)
-            save_config(cfg, run_dir / "config.yaml")
-        log.info("resumed from %s at step %d", checkpoint, trainer.step)
+        restore_run(trainer, run_dir)
         return trainer
 
     # One step ---------------------------------------------------------------------
@@ -235,36 +225,29 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
-        if self.run_lock is None and self.engine.is_main:  # released by an earlier train()
-            self.run_lock = RunLock(self.out_dir)
-        self.stop_signal, trackers, previous = None, None, stop_after_step_on_signal(self)
+        trackers = None
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not cfg.progress or not self.engine.is_main)
         try:
-            if cfg.report_to and self.engine.is_main:
-                trackers = Trackers(cfg.report_to, self.out_dir, to_dict(self.cfg), self.step)
-            while self.step < cfg.steps and not stop_agreed(self):
-                log_step(self, self._checked_step(), bar, trackers)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
-            self.save_checkpoint()
-            if self.stop_signal is not None:
-                log.warning("stopped by %s after step %d; the checkpoint is saved: continue with "
-                            "`rlhf ppo --resume %s`", self.stop_signal, self.step, self.out_dir)
-            elif self.step >= cfg.steps:
-                self.save_final()
-                if cfg.report and self.engine.is_main:
-                    from rlhf.report import write_report
+            with running(self):
+                if cfg.report_to and self.engine.is_main:
+                    trackers = Trackers(cfg.report_to, self.out_dir, to_dict(self.cfg), self.step)
+                while self.step < cfg.steps and not stop_agreed(self):
+                    log_step(self, self._checked_step(), bar, trackers)
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save_checkpoint()
+                self.save_checkpoint()
+                if self.stop_signal is not None:
+                    log_stopped(self, "ppo")
+                elif self.step >= cfg.steps:
+                    self.save_final()
+                    if cfg.report and self.engine.is_main:
+                        from rlhf.report import write_report
 
-                    write_report(self.out_dir)
+                        write_report(self.out_dir)
         finally:
             bar.close()
             if trackers is not None:
                 trackers.finish()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            if self.run_lock is not None:
-                self.run_lock.release()
-                self.run_lock = None
 
     def _checked_step(self) -> dict:
         try:
@@ -342,39 +325,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
-"""Ctrl-C; what SLURM and Kubernetes send before SIGKILL; SLURM's early warning
-(`sbatch --signal=USR1@120`)."""
-
-
-def stop_agreed(trainer: PPOTrainer) -> bool:
-    """True once a stop signal arrived; every process stops at the same step (a signal may
-    reach some of them only)."""
-    stop = trainer.stop_signal is not None
-    if trainer.engine.world > 1 and trainer.engine.reduce_mean(float(stop)) > 0 and not stop:
-        trainer.stop_signal, stop = "a signal to another process", True
-    return stop
-
-
-def stop_after_step_on_signal(trainer: PPOTrainer) -> dict:
-    """Each of STOP_SIGNALS asks the loop to stop after this step and save; a second one
-    aborts at once (KeyboardInterrupt). Returns the previous handlers by signal ({} off the
-    main thread, where signals cannot be caught)."""
-    def request_stop(signum, frame):
-        if trainer.stop_signal is not None:
-            raise KeyboardInterrupt
-        trainer.stop_signal = signal.Signals(signum).name
-        log.warning("%s: stopping after this step and saving a checkpoint (send it again to abort without saving)",
-                    trainer.stop_signal)
-
-    previous = {}
-    try:
-        for name in STOP_SIGNALS:
-            if hasattr(signal, name):
-                signum = getattr(signal, name)
-                previous[signum] = signal.signal(signum, request_stop)
-    except ValueError:
-        pass
-    return previous

@@ -57,7 +57,7 @@ def write_failure(target: Path, error: BaseException, previous: Path | None = No
     kept = ("; the partial files were removed" if partial else "") + (f"; {previous} is intact" if previous else "")
     if said_full or free < 64 * 1024:
         return WriteError(f"{target}: the disk is full ({free} bytes free){kept}; "
-                          "free some space (or lower train.keep_checkpoints) and continue with `rlhf ppo --resume`")
+                          "free some space (or lower train.keep_checkpoints) and continue the run with --resume")
     cause = text.splitlines()[0] if text else type(error).__name__
     return WriteError(f"{target}: writing failed ({type(error).__name__}: {cause}){kept}")
 
@@ -90,16 +90,17 @@ class RunLock:
             self._file.close()
 
 
-def own_run_dir(engine, run_dir: Path, overwrite: bool | None, write_config) -> RunLock | None:
+def own_run_dir(engine, run_dir: Path, overwrite: bool | None, write_config, command: str = "ppo") -> RunLock | None:
     """Lock `run_dir` (on the main process; the lock is returned) and, for a new run
     (`overwrite` not None), refuse or clear another run's files, then `write_config()`.
+    `command` (`rlhf ppo`, `rlhf sft`...) is named in the ways out of a refusal.
     Every process learns of a refusal, so that none waits for the others at a collective."""
     problem, lock = None, None
     if engine.is_main:
         try:
             lock = RunLock(run_dir)
             if overwrite is not None:
-                claim_for_new_run(run_dir, overwrite)
+                claim_for_new_run(run_dir, overwrite, command)
                 write_config()
         except RunDirectoryError as e:
             if lock is not None:
@@ -111,7 +112,7 @@ def own_run_dir(engine, run_dir: Path, overwrite: bool | None, write_config) -> 
     return lock
 
 
-def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:
+def claim_for_new_run(run_dir: Path, overwrite: bool, command: str = "ppo") -> None:
     """Refuse a directory that already holds a run, naming the ways out; with `overwrite`,
     remove that run's files (only those: other files in the directory are left alone)."""
     run_dir = Path(run_dir)
@@ -120,8 +121,8 @@ def claim_for_new_run(run_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise RunDirectoryError(
-            f"{run_dir} already holds a run ({', '.join(found)}); continue it with `rlhf ppo --resume {run_dir}`, "
-            "choose another train.out_dir, or replace it with `rlhf ppo --overwrite ...`")
+            f"{run_dir} already holds a run ({', '.join(found)}); continue it with `rlhf {command} --resume {run_dir}`, "
+            f"choose another train.out_dir, or replace it with `rlhf {command} --overwrite ...`")
     log.warning("%s: removing the previous run's %s (overwrite)", run_dir, ", ".join(found))
     for name in found:
         path = run_dir / name

@@ -41,17 +41,21 @@ class Updater:
             name: torch.optim.AdamW([q for q in module.parameters() if q.requires_grad], lr=lrs[name],
                                     eps=ppo.adam_eps, weight_decay=ppo.weight_decay, **fused)
             for name, module in models.trained.items()}
-        self.schedulers = {name: lr_schedule(opt, ppo.warmup_steps, total_steps, ppo.lr_schedule)
-                           for name, opt in self.optimizers.items()}
+        self.total_steps = total_steps
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}  # built by prepare()
 
     def prepare(self) -> None:
-        """Wrap models, optimisers and schedules for this engine (after the models exist)."""
-        trained, names = self.models.trained, list(self.optimizers)
+        """Wrap models and optimisers for this engine (after the models exist), then build
+        the learning-rate schedules on the wrapped optimisers. The schedules are not prepared:
+        Accelerate steps a prepared schedule once per process at each call (it takes the
+        batch to grow with the processes), so N processes would move it N times faster."""
+        trained, names, p = self.models.trained, list(self.optimizers), self.p
         n = len(names)
-        prepared = self.engine.prepare(*trained.values(), *self.optimizers.values(), *self.schedulers.values())
+        prepared = self.engine.prepare(*trained.values(), *self.optimizers.values())
         modules = dict(zip(names, prepared[:n]))
         self.optimizers = dict(zip(names, prepared[n:2 * n]))
-        self.schedulers = dict(zip(names, prepared[2 * n:3 * n]))
+        self.schedulers = {name: lr_schedule(opt, p.warmup_steps, self.total_steps, p.lr_schedule)
+                           for name, opt in self.optimizers.items()}
         self.models.policy = modules["policy"]
         if self.models.value_head is not None:
             self.models.value_head = modules["critic"]

@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(tmp_path: Path, policy_dir: Path, batch_size: int, name: str) -> Path:
+def _config(tmp_path: Path, policy_dir: Path, batch_size: int, name: str, **ppo) -> Path:
     data = {
         "model": {"policy": str(policy_dir), "critic": "policy"},
         "reward": {"function": "dist_rewards:share_of_a"},
@@ -39,7 +39,7 @@ def _config(tmp_path: Path, policy_dir: Path, batch_size: int, name: str) -> Pat
         "rollout": {"batch_size": batch_size, "max_new_tokens": 6, "temperature": 1.0, "early_stop": False},
         # kl_coef > 0: the reference enters the rewards; lr large enough that the step is
         # far above rounding; whitening makes the advantages depend on the whole batch.
-        "ppo": {"lr": 1e-3, "kl_coef": 0.1, "epochs": 1},
+        "ppo": {"lr": 1e-3, "kl_coef": 0.1, "epochs": 1, **ppo},
         "train": {"out_dir": str(tmp_path / name), "save_every": 0, "progress": False, "report": False,
                   "threads": 1, "seed": 3},
     }
@@ -80,8 +80,10 @@ def _launch(cwd: Path, *args: str, launcher: str = "--multi_gpu", check: bool = 
 def test_two_processes_make_the_update_of_one_process_on_the_global_batch(tmp_path, tiny_policy_dir):
     _write_inputs(tmp_path, 'r.count("a") / max(len(r), 1) + 0.1 * len(p)')
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    _run([sys.executable, str(WORKER), str(_config(tmp_path, tiny_policy_dir, 4, "one")), str(one)], tmp_path)
-    _launch(tmp_path, str(WORKER), str(_config(tmp_path, tiny_policy_dir, 2, "two")), str(two))
+    # A linear decay: each process steps its schedule once per step, as one process does.
+    _run([sys.executable, str(WORKER), str(_config(tmp_path, tiny_policy_dir, 4, "one", lr_schedule="linear")), str(one)],
+         tmp_path)
+    _launch(tmp_path, str(WORKER), str(_config(tmp_path, tiny_policy_dir, 2, "two", lr_schedule="linear")), str(two))
     one, two = torch.load(one), torch.load(two)
     assert (one["world"], two["world"]) == (1, 2)
 
@@ -94,8 +96,10 @@ def test_two_processes_make_the_update_of_one_process_on_the_global_batch(tmp_pa
         for name, weight in one[part].items():
             torch.testing.assert_close(two[part][name], weight, rtol=0, atol=2e-6, msg=f"{part}.{name}")
 
-    # Metrics are reduced over processes: the two-process run logs the one-process numbers.
-    for key in ("reward/score_mean", "reward/raw_mean", "kl/ref_mean", "response/length_mean",
+    # Metrics are reduced over processes: the two-process run logs the one-process numbers,
+    # and the learning rate for the next step is the one-process schedule's.
+    assert one["metrics"]["lr"] == pytest.approx(1e-3 * (1 - 1 / 20))
+    for key in ("lr", "reward/score_mean", "reward/raw_mean", "kl/ref_mean", "response/length_mean",
                 "value/explained_variance", "response/distinct2"):
         assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-6), key
     # Every process samples with its own seed: the same prompt gets different responses.

@@ -183,6 +183,22 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(workdir, tiny_policy_dir):
     assert samples == sorted(samples) and set(samples) == {1, 2, 3, 4}
 
 
+def test_a_resumed_linear_schedule_runs_on_as_a_straight_run_of_the_new_length(workdir, tiny_policy_dir):
+    """Two steps of a 2-step linear decay end at rate 0; resumed with train.steps=4, step 3
+    must learn at the rate a straight 4-step run gives it (lr x (1 - 2/4)), for the policy and
+    the critic, not at the restored optimiser's 0; the logged rates then follow the straight run's."""
+    changes = dict(ppo__lr_schedule="linear", ppo__lr=1e-3, ppo__critic_lr=3e-3)
+    PPOTrainer(small(workdir, tiny_policy_dir, "straight", train__steps=4, **changes)).train()
+    PPOTrainer(small(workdir, tiny_policy_dir, "short", train__steps=2, **changes)).train()
+    trainer = PPOTrainer.resume(workdir / "short", ["train.steps=4"])
+    rates = {name: opt.param_groups[0]["lr"] for name, opt in trainer.updater.optimizers.items()}
+    assert rates == {"policy": pytest.approx(1e-3 * 0.5), "critic": pytest.approx(3e-3 * 0.5)}
+    trainer.train()
+    straight = {r["step"]: r["lr"] for r in rows(workdir / "straight" / "metrics.jsonl")}
+    assert rates["policy"] == straight[2]  # the rate step 3 of the straight run used
+    assert {r["step"]: r["lr"] for r in rows(workdir / "short" / "metrics.jsonl")} == {**straight, 1: 1e-3 * 0.5, 2: 0.0}
+
+
 # ------------------------------------------------------------------------------------------
 # 3. A run directory belongs to one run
 # ------------------------------------------------------------------------------------------

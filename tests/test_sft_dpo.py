@@ -9,6 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from rlhf.checkpoint import CheckpointError
 from rlhf.cli import main
 from rlhf.dpo import DPOConfig, DPOTrainer
 from rlhf.offline import Tokens, collate, token_logprobs
@@ -212,6 +213,7 @@ def test_sft_resume_repeats_a_straight_run(tmp_path, tiny_policy_dir):
     for _ in range(3):
         first._write(first.step_once())
     first.save_checkpoint()
+    first.run_lock.release()  # the first process ends, and its lock with it
     del first
     SFTTrainer.resume(tmp_path / "resumed").train()
 
@@ -220,6 +222,78 @@ def test_sft_resume_repeats_a_straight_run(tmp_path, tiny_policy_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = {r["step"]: r.get("train/loss") for r in metrics(tmp_path / "straight")}
     assert all(losses[r["step"]] == r.get("train/loss") for r in metrics(tmp_path / "resumed") if r["step"] > 3)
+
+
+def test_sft_resume_refuses_what_the_checkpoint_fixes_and_extends_the_schedule(tmp_path, tiny_policy_dir):
+    """The optimisation and the data order are fixed by the checkpoint: refused by name, with
+    config.yaml untouched. A longer run (train.steps) takes effect: the restored step's
+    learning rate is the longer linear schedule's, as in a straight run of that length."""
+    SFTTrainer(sft_config(tmp_path, tiny_policy_dir, "short", train__steps=2)).train()
+    run = tmp_path / "short"
+    before = (run / "config.yaml").read_bytes()
+    for override, field in (("train.lr=0.1", "train.lr"), ("train.batch_size=2", "train.batch_size"),
+                            ("data.packing=false", "data.packing"), ("train.seed=3", "train.seed")):
+        with pytest.raises(CheckpointError, match=rf"{field} cannot change when a run resumes"):
+            SFTTrainer.resume(run, [override, "train.steps=4"])
+    assert (run / "config.yaml").read_bytes() == before
+    SFTTrainer.resume(run, ["train.steps=4", "train.eval_every=1"]).train()
+    SFTTrainer(sft_config(tmp_path, tiny_policy_dir, "straight", train__steps=4)).train()
+    lrs = {r["step"]: r["lr"] for r in metrics(tmp_path / "straight") if "lr" in r}
+    assert {r["step"]: r["lr"] for r in metrics(run) if r["step"] > 2} == {3: lrs[3], 4: lrs[4]}
+    assert lrs[3] == pytest.approx(3e-3 * (1 - 2 / 4))
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 4
+
+
+def test_sft_cli_refuses_a_used_directory_unless_overwrite(tmp_path, tiny_policy_dir, capsys):
+    write_jsonl(tmp_path / "sft.jsonl", demonstrations(16))
+    args = [f"model.policy={tiny_policy_dir}", f"data.train={tmp_path / 'sft.jsonl'}", "data.max_length=64",
+            f"train.out_dir={tmp_path / 's'}", "train.progress=false", "train.report=false", "train.threads=1"]
+    assert main(["sft", *args, "train.steps=2"]) == 0
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    code, err = run_cli(capsys, "sft", *args, "train.steps=1")
+    err = err.splitlines()[-1]
+    assert code == 2 and err.startswith("rlhf sft: error: ")
+    assert "already holds a run" in err and f"rlhf sft --resume {tmp_path / 's'}" in err and "rlhf sft --overwrite" in err
+    assert main(["sft", "--overwrite", *args, "train.steps=1"]) == 0
+    assert [r["step"] for r in metrics(tmp_path / "s") if r["step"] > 0] == [1]
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+
+
+def test_a_stop_signal_ends_sft_after_the_step_with_a_checkpoint_and_75(tmp_path, tiny_policy_dir):
+    """SIGTERM mid-run: the step in flight finishes and is saved, the exit status is 75; the
+    resumed run logs every step once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from rlhf.checkpoint import latest_checkpoint, verify
+
+    write_jsonl(tmp_path / "sft.jsonl", demonstrations(16))
+    run = tmp_path / "s"
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rlhf", "sft", f"model.policy={tiny_policy_dir}", f"data.train={tmp_path / 'sft.jsonl'}",
+         "data.max_length=64", "data.eval_fraction=0", f"train.out_dir={run}", "train.steps=100000",
+         "train.progress=false", "train.report=false", "train.threads=1", "train.batch_size=2"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    end = time.monotonic() + 180
+    while not (run / "metrics.jsonl").is_file() or not metrics(run):
+        assert process.poll() is None and time.monotonic() < end, process.communicate()[1][-2000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 75, err[-2000:]
+    assert "stopped by SIGTERM" in err and f"rlhf sft --resume {run}" in err and "Traceback" not in err
+    logged = [r["step"] for r in metrics(run)]
+    assert latest_checkpoint(run).name == f"step-{logged[-1]:06d}" and verify(latest_checkpoint(run)) is None
+    assert not (run / "final").exists()
+    assert main(["sft", "--resume", str(run), f"train.steps={logged[-1] + 1}"]) == 0
+    assert [r["step"] for r in metrics(run)] == list(range(1, logged[-1] + 2))
 
 
 # --------------------------------------------------------------------------------------
@@ -304,6 +378,7 @@ def test_bad_demonstrations_get_one_line_naming_file_and_line(tmp_path, tiny_pol
                         "data.chat_template=false", f"train.out_dir={tmp_path / 'run'}", "train.progress=false")
     assert code == 2 and len(err.splitlines()) == 1
     assert str(data) in err and message in err
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no config.yaml behind
 
 
 BAD_DPO = [
