@@ -1,5 +1,6 @@
 """Summarise a `benchmarks/grpo_vs_trl.sh` sitting: one markdown row per run, then the ratio
-of the medians of TRL's and rlhf's step times (each run's own median over its timed steps).
+of the medians of TRL's and rlhf's step times (each run's own median over its timed steps)
+over the numbered runs; the CPU-time runs (`*_cpu`) are listed with their CPU seconds.
     python benchmarks/grpo_vs_trl_summary.py benchmarks/results/grpo_vs_trl_<date>
 """
 
@@ -16,19 +17,21 @@ def main() -> None:
         name, when = line.split()[0], line.split()[1]
         loads.setdefault(name, []).append(line.split("load ")[1].split()[0])
     medians = {"rlhf": [], "trl": []}
-    print("| run | median step s | timed steps s | generation s | load 1-min before/after |")
-    print("|---|---|---|---|---|")
+    print("| run | median step s | timed steps s | generation s | median step CPU s | load 1-min before/after |")
+    print("|---|---|---|---|---|---|")
     for path in sorted(out.glob("*.json"), key=lambda p: (p.stem[-1], p.stem)):
         try:
             r = json.loads(path.read_text())
         except ValueError:
-            print(f"| {path.stem} | (no result) | | | |")
+            print(f"| {path.stem} | (no result) | | | | |")
             continue
         kind = "trl" if "trainer" in r else "rlhf"
-        medians[kind].append(r["median_step_s"])
+        if path.stem[-1].isdigit():  # the alternated wall-time runs; *_cpu runs are shown only
+            medians[kind].append(r["median_step_s"])
+        cpu = f"{r['median_step_cpu_s']:.1f}" if "median_step_cpu_s" in r else ""
         generation = r["phases"]["generation"]["median_s"] if kind == "rlhf" else r["median_generation_s"]
         timed = [f"{t:.1f}" for t in r["step_times_s"][1:]]
-        print(f"| {path.stem} | {r['median_step_s']:.1f} | {', '.join(timed)} | {generation:.1f} | "
+        print(f"| {path.stem} | {r['median_step_s']:.1f} | {', '.join(timed)} | {generation:.1f} | {cpu} | "
               f"{' / '.join(loads.get(path.stem, []))} |")
     if medians["rlhf"] and medians["trl"]:
         rlhf, trl = statistics.median(medians["rlhf"]), statistics.median(medians["trl"])

@@ -74,13 +74,15 @@ def main() -> None:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.begins, self.ends = [], []
+            self.begins, self.ends, self.cpu_begins, self.cpu_ends = [], [], [], []
 
         def on_step_begin(self, *a, **k):
             self.begins.append(time.perf_counter())
+            self.cpu_begins.append(time.process_time())
 
         def on_step_end(self, *a, **k):
             self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
             print(f"step {len(self.ends)}: {self.ends[-1] - self.begins[-1]:.1f} s", file=sys.stderr, flush=True)
 
     prompts = bench_prompts()
@@ -122,6 +124,9 @@ def main() -> None:
         "median_step_inner_s": statistics.median(inner[1:]),
         "step_times_s": steps,
         "step_inner_times_s": inner,
+        # CPU time (user + system, all threads) of each step, from on_step_begin to on_step_end.
+        "step_cpu_s": [e - b for b, e in zip(timer.cpu_begins, timer.cpu_ends)],
+        "median_step_cpu_s": statistics.median(e - b for b, e in list(zip(timer.cpu_begins, timer.cpu_ends))[1:]),
         # Generation alone, and generation + reference/policy log-probs + reward (the rest of
         # a step is the loss forward, backward and optimiser step).
         "median_generation_s": statistics.median(phases["_generate"][1:]),
