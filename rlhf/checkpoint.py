@@ -96,16 +96,6 @@ FIXED = ("train.seed", "train.out_dir")
 """Fields under RESUMABLE that are fixed all the same."""
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def resume_config(run_dir: Path, overrides: list[str], config_cls=None, resumable: tuple = RESUMABLE,
                   fixed: tuple = FIXED):
     """The config a run resumes with: its config.yaml (a `config_cls`, by default PPO's
@@ -131,7 +121,9 @@ def refuse_fixed_changes(saved, wanted, resumable: tuple = RESUMABLE, fixed: tup
     would claim a value its checkpoint does not have); log the ones that take effect."""
     import dataclasses
 
-    before, after = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(wanted))
+    from rlhf.config import flat_keys
+
+    before, after = flat_keys(dataclasses.asdict(saved)), flat_keys(dataclasses.asdict(wanted))
     changed = [k for k in after if before.get(k) != after[k]]
     refused = [k for k in changed if k in fixed or not k.startswith(resumable)]
     if refused:

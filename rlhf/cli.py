@@ -117,27 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("ppo", help="train a policy with PPO or A2C (rlhf ppo CONFIG.yaml [key=value ...])")
-    p.add_argument("config", nargs="?", help="YAML config")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in train.out_dir (its config, logs, checkpoints and final models)")
-    p.set_defaults(func=_ppo)
-
     p = sub.add_parser("reward-model", help="train a reward model from preference pairs or rankings (Bradley-Terry)")
     p.add_argument("config", nargs="?", help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(func=_reward_model)
 
-    for name, func, what in (("sft", _sft, "supervised fine-tuning on demonstrations (chats or prompt/completion)"),
+    for name, func, what in (("ppo", _ppo, "train a policy with PPO, A2C, GRPO, RLOO or REINFORCE++"),
+                             ("sft", _sft, "supervised fine-tuning on demonstrations (chats or prompt/completion)"),
                              ("dpo", _dpo, "direct preference optimisation on preference pairs or rankings")):
         p = sub.add_parser(name, help=f"{what} (rlhf {name} CONFIG.yaml [key=value ...])")
         p.add_argument("config", nargs="?", help="YAML config")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
         p.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in train.out_dir (its config, logs, checkpoints and final model)")
+                       help="replace the run already in train.out_dir (its config, logs, checkpoints and final models)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="the embedded default end to end: reward model from human labels, PPO, evaluation; "

@@ -469,15 +469,14 @@ def format_summary(summary: dict, samples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> dict:
-    """The whole demo; returns the summary (also written to `<run>/summary.json`)."""
+def start_demo(config_cls, out_dir: str | None, overrides: list[str] | None):
+    """(config, run directory) of a demo: the defaults plus overrides, its directory made and
+    the resolved config saved there, torch's threads set."""
     import torch
 
     from rlhf.config import load_config
-    from rlhf.ppo import PPOTrainer
 
-    t0 = time.perf_counter()
-    cfg = load_config(DemoConfig, None, overrides)
+    cfg = load_config(config_cls, None, overrides)
     if out_dir is not None:
         cfg.out_dir = out_dir
     run = Path(cfg.out_dir)
@@ -485,6 +484,15 @@ def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> 
     save_config(cfg, run / "config.yaml")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    return cfg, run
+
+
+def run_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The whole demo; returns the summary (also written to `<run>/summary.json`)."""
+    from rlhf.ppo import PPOTrainer
+
+    t0 = time.perf_counter()
+    cfg, run = start_demo(DemoConfig, out_dir, overrides)
 
     # 1. Pairs and prompts; the split is by tweet, before anything else.
     rm_train, rm_eval, eval_prompts, train_path, eval_path = _write_demo_data(cfg, run / "data")

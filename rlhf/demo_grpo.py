@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
-from rlhf.config import ConfigError, apply_overrides, from_dict, load_config, save_config
-from rlhf.demo import difference, mean_se, write_jsonl
+from rlhf.config import ConfigError, apply_overrides, from_dict
+from rlhf.demo import difference, mean_se, start_demo, write_jsonl
 
 # --------------------------------------------------------------------------------------
 # Problems
@@ -253,19 +253,10 @@ def format_summary(summary: dict, samples: list[dict]) -> str:
 
 def run_grpo_demo(out_dir: str | None = None, overrides: list[str] | None = None) -> dict:
     """The whole demo; returns the summary (also written to `<run>/summary.json`)."""
-    import torch
-
     from rlhf.ppo import PPOTrainer
 
     t0 = time.perf_counter()
-    cfg = load_config(GRPODemoConfig, None, overrides)
-    if out_dir is not None:
-        cfg.out_dir = out_dir
-    run = Path(cfg.out_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg, run = start_demo(GRPODemoConfig, out_dir, overrides)
 
     held_out = make_problems(cfg.task, cfg.eval.num_problems, cfg.seed + 1)
     train = make_problems(cfg.task, cfg.train_problems, cfg.seed, exclude={p["prompt"] for p in held_out})

@@ -13,15 +13,11 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "cle
 PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def _flat(tree: dict) -> dict:
     """A nested config as `section.key` -> bool, int, float or str (what every tracker takes)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return out
+    from rlhf.config import flat_keys  # config imports this module's TRACKERS
+
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_keys(tree).items()}
 
 
 class Trackers:
