@@ -32,14 +32,15 @@ class ForwardOut:
 class ActorCritic:
     def __init__(self, policy: nn.Module, critic: nn.Module | None, value_head: nn.Module | None,
                  ref: nn.Module | None, engine, backend, temperature: float, *, checkpointing: bool = False,
-                 entropy_grad: bool = True, keep_rollout_forward: bool = False):
+                 entropy_grad: bool = True, keep_rollout_forward: bool = False, share_prefix: bool = False):
         """`critic` or `value_head` (on the policy's last hidden states) is the critic, or
         neither for critic-free estimators (values are then 0); `ref` None means a LoRA
-        policy whose adapter-disabled base is the reference."""
+        policy whose adapter-disabled base is the reference. `share_prefix`: the policy's and
+        reference's forwards compute a prompt shared by several rows once (`rlhf.prefix`)."""
         self.policy, self.critic, self.value_head, self.ref = policy, critic, value_head, ref
         self.engine, self.backend, self.temperature = engine, backend, temperature
         self.checkpointing, self.entropy_grad = checkpointing, entropy_grad
-        self.keep_rollout_forward = keep_rollout_forward
+        self.keep_rollout_forward, self.share_prefix = keep_rollout_forward, share_prefix
         self._kept: tuple[Rollout, ForwardOut] | None = None
 
     @property
@@ -66,22 +67,31 @@ class ActorCritic:
             return out.logprobs.detach(), out.values.detach() * mask
         with torch.no_grad():
             logprobs, _, hidden = policy_forward(self.policy, rollout, self.temperature, self.backend.precision,
-                                                 with_hidden=self.value_head is not None)
+                                                 with_hidden=self.value_head is not None, **self._sharing())
             values = self._values(rollout, hidden) * mask
         return logprobs, values
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:
         """log pi of the response tokens under the current policy."""
-        return policy_forward(self.policy, rollout, self.temperature, self.backend.precision)[0]
+        return policy_forward(self.policy, rollout, self.temperature, self.backend.precision, **self._sharing())[0]
 
     @torch.no_grad()
     def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """log pi_ref of the response tokens."""
         if self.ref is not None:
-            return policy_forward(self.ref, rollout, self.temperature, self.backend.precision)[0]
+            return policy_forward(self.ref, rollout, self.temperature, self.backend.precision,
+                                  **self._sharing(self.ref))[0]
         with self.unwrapped_policy().disable_adapter():
-            return policy_forward(self.policy, rollout, self.temperature, self.backend.precision)[0]
+            return policy_forward(self.policy, rollout, self.temperature, self.backend.precision,
+                                  **self._sharing())[0]
+
+    def _sharing(self, model: nn.Module | None = None) -> dict:
+        """policy_forward's prefix sharing arguments; the prefix runs on the unwrapped model
+        (a DDP wrapper expects one forward per backward)."""
+        if not self.share_prefix:
+            return {}
+        return {"share_prefix": True, "prefix_model": model if model is not None else self.unwrapped_policy()}
 
     def _values(self, rollout: Rollout, hidden: torch.Tensor | None) -> torch.Tensor:
         if self.value_head is not None:
@@ -112,7 +122,7 @@ class ActorCritic:
             model.train()
         logprobs, entropy, hidden = policy_forward(
             self.policy, rollout, self.temperature, self.backend.precision, with_entropy=True,
-            entropy_grad=self.entropy_grad, with_hidden=self.value_head is not None)
+            entropy_grad=self.entropy_grad, with_hidden=self.value_head is not None, **self._sharing())
         values = self._values(rollout, hidden)
         for model in trained:
             model.eval()

@@ -169,6 +169,9 @@ class StepShape:
     response_lengths: list[int]
     generated_width: int
     """Decoding positions actually run (max_new_tokens, or fewer with early stop)."""
+    distinct_prompt_lengths: list[int] | None = None
+    """The lengths of the batch's distinct prompts when several rows share one (groups of
+    samples); None when every row has its own."""
 
     @property
     def batch(self) -> int:
@@ -184,8 +187,12 @@ class StepShape:
 
 
 def step_shape(rollout) -> StepShape:
-    return StepShape(rollout.prompt_mask.sum(-1).tolist(), rollout.response_mask.sum(-1).long().tolist(),
-                     rollout.response_ids.shape[1])
+    from rlhf.prefix import shared_prompts
+
+    prompt_lengths = rollout.prompt_mask.sum(-1)
+    shared = shared_prompts(rollout.prompt_ids, rollout.prompt_mask)
+    return StepShape(prompt_lengths.tolist(), rollout.response_mask.sum(-1).long().tolist(),
+                     rollout.response_ids.shape[1], prompt_lengths[shared.first].tolist() if shared else None)
 
 
 @dataclass
@@ -202,14 +209,17 @@ class Floors:
 
 
 def phase_floors(shape: StepShape, rates: MachineRates, dtype: str, policy: ModelCost, critic: ModelCost | None,
-                 reward: ModelCost | None, epochs: int, trainable_params: int, torch_mm: bool = False) -> Floors:
+                 reward: ModelCost | None, epochs: int, trainable_params: int, torch_mm: bool = False,
+                 shared_prefill: bool = False, shared_forwards: bool = False) -> Floors:
     """The floor of each phase of one PPO step.
 
     `critic` None: the values come from a head on the policy's trunk (no extra pass).
     `reward` None: a reward function (no model pass). The reference costs what the policy's
     frozen part costs. Backward is twice the forward for trained weights; for frozen weights
     (LoRA's base) only the input gradients are needed, once the forward. `torch_mm`: count
-    fp32 matmuls at torch.matmul's rate instead of the best kernel's.
+    fp32 matmuls at torch.matmul's rate instead of the best kernel's. `shared_prefill`,
+    `shared_forwards`: the generation prefill, and the policy's and reference's forwards,
+    compute each distinct prompt once (`rlhf.prefix`): the floor counts that work.
     """
     flops_per_s = rates.matmul(dtype, torch_mm)
     weight_bytes = 2 if dtype == "bfloat16" else 4
@@ -217,7 +227,9 @@ def phase_floors(shape: StepShape, rates: MachineRates, dtype: str, policy: Mode
 
     # Generation: the prefill (head on the last prompt position only), then one decoding
     # step per further token, bounded by compute or by reading every weight and the cache.
-    generation = policy.forward_flops(shape.prompt_lengths, B) / flops_per_s
+    distinct = shape.distinct_prompt_lengths
+    prefill = distinct if shared_prefill and distinct is not None else shape.prompt_lengths
+    generation = policy.forward_flops(prefill, len(prefill)) / flops_per_s
     for t in range(1, shape.generated_width):
         ctx = [p + t for p in shape.prompt_lengths]
         flops = policy.forward_flops([1] * B, B) + sum(4 * policy.layers * policy.attn_width * c for c in ctx)
@@ -229,13 +241,20 @@ def phase_floors(shape: StepShape, rates: MachineRates, dtype: str, policy: Mode
     policy_fwd = policy.forward_flops(lengths, shape.response_tokens)
     frozen = ModelCost(policy.trunk_params, policy.head_params, policy.layers, policy.attn_width, policy.kv_width)
     ref_fwd = frozen.forward_flops(lengths, shape.response_tokens)
+    if shared_forwards and distinct is not None:
+        # The prompts but their last token run once per distinct prompt, not once per row.
+        def repeated(model: ModelCost) -> float:
+            return (model.forward_flops([p - 1 for p in shape.prompt_lengths], 0)
+                    - model.forward_flops([p - 1 for p in distinct], 0))
+
+        policy_fwd, ref_fwd = policy_fwd - repeated(policy), ref_fwd - repeated(frozen)
     critic_fwd = critic.forward_flops(lengths, sum(lengths)) if critic is not None else 0.0
     reward_fwd = reward.forward_flops(lengths, sum(lengths)) if reward is not None else 0.0
     score = (policy_fwd + ref_fwd + critic_fwd + reward_fwd) / flops_per_s
 
     # Update, per epoch: forward, then backward (2x for trained weights, 1x for frozen).
     if policy.adapter_params:
-        adapters = policy.forward_flops(lengths, 0) - frozen.forward_flops(lengths, 0)
+        adapters = policy_fwd - ref_fwd
         policy_bwd = ref_fwd + 2 * adapters
     else:
         policy_bwd = 2 * policy_fwd
@@ -332,7 +351,8 @@ def _trainable(trainer) -> int:
     return sum(p.numel() for m in trainer.models.trained.values() for p in m.parameters() if p.requires_grad)
 
 
-def _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, device, trainer_has_critic) -> dict:
+def _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, device, trainer_has_critic,
+            shared: dict) -> dict:
     """Medians over the steps after the first, against the machine's floors."""
     kept, kept_floors, kept_shapes = rows[1:], floors[1:], shapes[1:]
     median = lambda key: statistics.median(r[key] for r in kept)  # noqa: E731
@@ -357,6 +377,7 @@ def _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, devi
             "response_tokens_mean": statistics.mean(t for s in kept_shapes for t in s.response_lengths),
             "max_new_tokens": cfg.rollout.max_new_tokens,
             "early_stop": cfg.rollout.early_stop,
+            **shared,
             "dtype": cfg.model.dtype,
             "lora": cfg.model.lora,
             "value_head": cfg.model.value_head,
@@ -411,11 +432,14 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         trainer.generator = recorder = RecordingGenerator(trainer.generator)
         rows = [_timed_step(trainer, recorder) for _ in range(steps)]
         shapes = [step_shape(r) for r in recorder.rollouts]
+        shared = {"shared_prefill": cfg.rollout.share_prompt_prefix and cfg.rollout.samples_per_prompt > 1,
+                  "shared_forwards": trainer.models.share_prefix}
         floors, mm_floors = ([phase_floors(s, rates, cfg.model.dtype, *_costs(trainer), cfg.ppo.epochs,
-                                           _trainable(trainer), torch_mm=mm) for s in shapes] for mm in (False, True))
+                                           _trainable(trainer), torch_mm=mm, **shared) for s in shapes]
+                             for mm in (False, True))
 
     result = _result(cfg, config, overrides, rows, shapes, floors, mm_floors, rates, engine.device,
-                     trainer.models.has_critic)
+                     trainer.models.has_critic, shared)
     print(json.dumps(result, indent=2) if as_json else format_result(result))
     return result
 
@@ -430,7 +454,8 @@ def format_result(r: dict) -> str:
         f"batch {s['batch_size']} prompts x {s['samples_per_prompt']} samples, prompt {s['prompt_tokens_mean']:.1f} "
         f"tokens, response "
         f"{s['response_tokens_mean']:.1f} tokens (max {s['max_new_tokens']}, early_stop={s['early_stop']}), "
-        f"dtype {s['dtype']}, lora={s['lora']}, value_head={s['value_head']}, epochs {s['epochs']}",
+        f"dtype {s['dtype']}, lora={s['lora']}, value_head={s['value_head']}, epochs {s['epochs']}, "
+        f"prompts shared in groups: prefill {s['shared_prefill']}, forwards {s['shared_forwards']}",
         f"median of {r['steps_timed']} steps (first excluded):",
         f"  {'phase':<12}{'median s':>10}{'floor s':>10}{'ratio':>8}",
     ]

@@ -36,6 +36,7 @@ from rlhf.generation import Generator, decode_responses, make_generator
 from rlhf.models import load_tokenizer, position_limit, resolve_model
 from rlhf.precision import Precision
 from rlhf.rewards import Reward, call_text_function, import_function
+from rlhf.prefix import shares_prefix
 from rlhf.rollout import warn_off_policy
 from rlhf.rundir import append_row, own_run_dir
 from rlhf.runloop import log_stopped, running, stop_agreed
@@ -124,7 +125,9 @@ class PPOTrainer:
         _, _, micro = Updater.batch_shape(cfg.ppo, sequences)
         models = ActorCritic(policy, critic, value_head, ref, self.engine, backend, cfg.rollout.temperature,
                              checkpointing=bool(cfg.model.gradient_checkpointing), entropy_grad=cfg.ppo.entropy_coef > 0,
-                             keep_rollout_forward=cfg.ppo.reuse_rollout_forward and micro == sequences)
+                             keep_rollout_forward=cfg.ppo.reuse_rollout_forward and micro == sequences,
+                             share_prefix=shares_prefix(cfg, self.engine.unwrap(policy),
+                                                        getattr(self.engine, "shards_parameters", False)))
         self.shuffle_rng = torch.Generator().manual_seed(cfg.train.seed + self.engine.rank)
         updater = Updater(models, self.engine, cfg.ppo, cfg.train.steps, cfg.rollout.max_new_tokens, self.shuffle_rng)
         updater.prepare()

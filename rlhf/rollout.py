@@ -14,7 +14,7 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from rlhf import algos
+from rlhf import algos, prefix
 from rlhf.config import RolloutConfig
 from rlhf.errors import NonFiniteError
 from rlhf.experience import Rollout
@@ -82,6 +82,11 @@ def _preallocated_cache(config, capacity: int):
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def select_rows(self, index):
+            end = self.get_seq_length()
+            self.key_buffer, self.value_buffer = self.key_buffer[index], self.value_buffer[index]
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
     cache = DynamicCache(config=config)
     cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
@@ -139,10 +144,17 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
     width = R
     precision = as_precision(precision)
     packed = decoding(model, B) if decoding is not None else nullcontext()
+    shared = None
+    if cfg.share_prompt_prefix and cfg.samples_per_prompt > 1 and all(hasattr(l, "select_rows") for l in cache.layers):
+        shared = prefix.shared_prompts(prompt_ids, prompt_mask)
+    rows = shared.first if shared is not None else torch.arange(B, device=device)
     with precision.autocast(device):
-        logits = model(input_ids=prompt_ids, attention_mask=mask[:, :P], position_ids=positions[:, :P],
+        logits = model(input_ids=prompt_ids[rows], attention_mask=mask[rows, :P], position_ids=positions[rows, :P],
                        past_key_values=cache, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
+    if shared is not None:  # one prefill per distinct prompt, copied to the samples that share it
+        prefix.expand_cache(cache, shared.inverse)
+        logits = logits[shared.inverse]
     with precision.autocast(device), packed:
         for t in range(R):
             scores = logits.float()
@@ -174,27 +186,36 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def policy_forward(model, rollout: Rollout, temperature: float, precision: Precision | str = FP32,
-                   with_entropy: bool = False, with_hidden: bool = False, entropy_grad: bool = True):
+                   with_entropy: bool = False, with_hidden: bool = False, entropy_grad: bool = True,
+                   share_prefix: bool = False, prefix_model=None):
     """Log-probs of the response tokens (and optionally entropy, last hidden states).
 
     Only the R positions that predict response tokens go through the vocabulary projection
     (logits_to_keep): prompt positions never need logits. The entropy shares the log-probs' logsumexp; with
-    `entropy_grad` off (no entropy bonus) it is only logged and builds no graph.
+    `entropy_grad` off (no entropy bonus) it is only logged and builds no graph. `share_prefix`:
+    rows with the same prompt compute it once (`rlhf.prefix`; `prefix_model` runs that part).
     """
     ids, mask = rollout.sequence_ids, rollout.attention_mask
     S, R = ids.shape[1], rollout.response_ids.shape[1]
+    shared = prefix.shared_prompts(rollout.prompt_ids, rollout.prompt_mask) if share_prefix else None
     with as_precision(precision).autocast(ids.device):
-        # The positions S-R-1 .. S-2 predict the response tokens: their logits, contiguous.
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                    logits_to_keep=torch.arange(S - R - 1, S - 1, device=ids.device), output_hidden_states=with_hidden,
-                    use_cache=False)
+        if shared is not None:
+            out = prefix.forward(model, ids, mask, position_ids(mask), S - R, shared, prefix_model,
+                                 output_hidden_states=with_hidden)
+        else:
+            # The positions S-R-1 .. S-2 predict the response tokens: their logits, contiguous.
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                        logits_to_keep=torch.arange(S - R - 1, S - 1, device=ids.device),
+                        output_hidden_states=with_hidden, use_cache=False)
     logits = out.logits
     if with_entropy:
         logprobs, entropy = algos.logprobs_and_entropy_from_logits(logits, rollout.response_ids, temperature,
                                                                    entropy_grad)
     else:
         logprobs, entropy = algos.logprobs_from_logits(logits, rollout.response_ids, temperature), None
-    hidden = out.hidden_states[-1][:, -R - 1:-1] if with_hidden else None
+    hidden = None
+    if with_hidden:  # the last layer's states at the R positions that predict the response
+        hidden = out.hidden_states[-1][:, -R:] if shared is not None else out.hidden_states[-1][:, -R - 1:-1]
     return logprobs, entropy, hidden
 
 

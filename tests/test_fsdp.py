@@ -82,6 +82,35 @@ def test_fsdp2_on_two_processes_makes_the_update_of_one_unsharded_process(tmp_pa
 
 
 @pytest.mark.slow
+def test_fsdp2_grpo_groups_make_the_update_of_one_process(tmp_path, tiny_policy_dir):
+    """GRPO groups of 2 under FSDP2, shared prompt prefixes asked for: the sharded forwards
+    keep the plain forward (the prompt's gradient would enter a layer through its cache,
+    where FSDP2 has no hook to gather its weights), and the update equals one unsharded
+    process's, with and without shared prefixes."""
+    _write_inputs(tmp_path)
+    group = {"rollout": {"samples_per_prompt": 2}, "ppo": {"algo": "grpo"}}
+    runs = {}
+    for name, distributed, world, share in (("ddp1", "ddp", 1, True), ("plain1", "ddp", 1, False),
+                                            ("fsdp2", "fsdp2", 2, True)):
+        out = tmp_path / f"{name}.pt"
+        config = str(_fsdp_config(tmp_path, tiny_policy_dir, 4 // world, name, distributed, ppo=group["ppo"],
+                                  rollout={**group["rollout"], "share_prompt_prefix": share},
+                                  train={"shard_reference": world == 2}))
+        if world == 1:
+            _run([sys.executable, str(WORKER), config, str(out)], tmp_path)
+        else:
+            _launch(tmp_path, str(WORKER), config, str(out))
+        runs[name] = torch.load(out, weights_only=False)
+    one = runs["ddp1"]
+    assert runs["fsdp2"]["engine"] == "FSDP2Engine" and list(one) and "critic" not in one
+    for other in ("fsdp2", "plain1"):
+        for name, weight in one["policy"].items():
+            torch.testing.assert_close(runs[other]["policy"][name], weight, rtol=0, atol=2e-6, msg=f"{other} {name}")
+        for key in ("reward/score_mean", "kl/ref_mean", "response/length_mean"):
+            assert runs[other]["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
 def test_fsdp2_resumes_from_a_sharded_checkpoint_exactly(tmp_path, tiny_policy_dir):
     """2 steps, stop, `--resume` for 2 more == 4 steps straight, on two FSDP2 processes with
     real sampling (on the gathered copy, refreshed after the resume) and shuffled minibatches."""

@@ -414,3 +414,19 @@ def test_a_torch_without_the_onednn_linear_is_named(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         CPUBackend("cpu", FP32, ModelConfig(), RolloutConfig()).setup_process(TrainConfig(keep_freed_memory=False))
     assert "no oneDNN linear operator" in caplog.text
+
+
+def test_floor_counts_each_distinct_prompt_once_when_groups_share_it():
+    # Two prompts of 3 and 5 tokens, two samples each, one response token: the prefill runs
+    # the two distinct prompts; the forwards run them but their last token once each.
+    cost = ModelCost(trunk_params=100, head_params=10, layers=1, attn_width=4, kv_width=2)
+    shape = StepShape(prompt_lengths=[3, 3, 5, 5], response_lengths=[1] * 4, generated_width=1,
+                      distinct_prompt_lengths=[3, 5])
+    rates = MachineRates(fp32_gflops=1.0, bf16_gflops=4.0, memory_gbs=1e9, fp32_mm_gflops=1.0)
+    plain = phase_floors(shape, rates, "float32", cost, None, None, epochs=1, trainable_params=0)
+    shared = phase_floors(shape, rates, "float32", cost, None, None, 1, 0, shared_prefill=True, shared_forwards=True)
+    assert plain.generation_s == pytest.approx(cost.forward_flops([3, 3, 5, 5], 4) / 1e9)
+    assert shared.generation_s == pytest.approx(cost.forward_flops([3, 5], 2) / 1e9)
+    saved = cost.forward_flops([2, 4], 0) / 1e9  # one copy of each prompt less its last token
+    assert shared.score_s == pytest.approx(plain.score_s - 2 * saved)  # policy and reference
+    assert shared.update_s == pytest.approx(plain.update_s - 3 * saved)  # forward and backward (2x)

@@ -1,0 +1,104 @@
+"""Shared prompt prefixes: the samples of one prompt (a group of GRPO, RLOO and the other group
+estimators) begin with the same tokens, so those tokens' keys and values are computed once per
+distinct prompt and copied to each of its samples, in the generation prefill and in the
+log-prob forwards (with gradients too: the copies' gradients add up in the shared prefix).
+
+A forward over (prompt, response) then runs in two calls of the model: the prompt without its
+last token, once per distinct prompt, into a KV cache; the cache copied to every row; then the
+last prompt token and the response for every row, whose R logits are exactly the positions that
+predict the response. Same maths as one forward over the whole sequences; the sums are rounded
+in another order (differences of the order of 1e-5 in fp32 log-probs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SharedPrompts:
+    """Which rows of a batch share a prompt."""
+
+    first: torch.Tensor
+    """(U,) the first row of each distinct prompt."""
+    inverse: torch.Tensor
+    """(B,) each row's distinct prompt (an index into `first`)."""
+
+
+def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> SharedPrompts | None:
+    """The distinct prompts of a left-padded batch, or None when no two rows share one (or the
+    prompts are a single token: nothing precedes the last token to share)."""
+    B, P = prompt_ids.shape
+    if B < 2 or P < 2:
+        return None
+    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(distinct) == B:
+        return None
+    first = torch.full((len(distinct),), B, device=inverse.device).scatter_reduce(
+        0, inverse, torch.arange(B, device=inverse.device), reduce="amin")
+    # Ordered by first occurrence, so the prefix batch keeps the rows' order.
+    order = torch.argsort(first)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return SharedPrompts(first[order], rank[inverse])
+
+
+def supports_shared_prefix(model: nn.Module) -> bool:
+    """True for models whose KV cache is transformers' plain dynamic cache on every layer
+    (full attention); sliding-window and other caches keep the plain forward."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    try:
+        cache = DynamicCache(config=config)
+    except Exception:  # a config transformers cannot build a cache from
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def expand_cache(cache, inverse: torch.Tensor) -> None:
+    """Copy each distinct prompt's keys and values to the rows that share it, in place (a
+    layer with its own `select_rows`, such as the decoding loop's preallocated one, does it)."""
+    for layer in cache.layers:
+        if hasattr(layer, "select_rows"):
+            layer.select_rows(inverse)
+            continue
+        layer.keys = layer.keys.index_select(0, inverse)
+        layer.values = layer.values.index_select(0, inverse)
+
+
+def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, prompt_width: int,
+            shared: SharedPrompts, prefix_model: nn.Module | None = None, **kwargs):
+    """The model's output at positions prompt_width - 1 .. S - 2 of (B, S) sequences (the R
+    positions that predict the response), the prompt computed once per distinct prompt.
+    `prefix_model`: the module to run the prefix with (the unwrapped model under DDP, whose
+    wrapper expects one forward per backward); `kwargs` go to the second call."""
+    from transformers import DynamicCache
+
+    P, S = prompt_width, ids.shape[1]
+    prefix_model = prefix_model or model
+    cache = DynamicCache(config=prefix_model.config)
+    rows = shared.first
+    # logits_to_keep=1: the prefix's logits are never used; one position is the least asked.
+    prefix_model(input_ids=ids[rows, :P - 1], attention_mask=mask[rows, :P - 1],
+                 position_ids=positions[rows, :P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    expand_cache(cache, shared.inverse)
+    return model(input_ids=ids[:, P - 1:S - 1], attention_mask=mask[:, :S - 1], position_ids=positions[:, P - 1:S - 1],
+                 past_key_values=cache, cache_position=torch.arange(P - 1, S - 1, device=ids.device), use_cache=True,
+                 **kwargs)
+
+
+def shares_prefix(cfg, model: nn.Module, sharded: bool = False) -> bool:
+    """Whether a run's log-prob forwards share prompts: groups of samples, the option on, no
+    activation checkpointing (transformers refuses a KV cache in checkpointed training), not
+    under FSDP2 (`sharded`: its backward gathers a layer's weights when the gradient reaches
+    the layer's output, and the prompt's gradient enters through the cache, inside), and a
+    model whose cache allows it."""
+    return (cfg.rollout.share_prompt_prefix and cfg.rollout.samples_per_prompt > 1 and not sharded
+            and not cfg.model.gradient_checkpointing and supports_shared_prefix(model))

@@ -1,0 +1,159 @@
+"""Shared prompt prefixes (`rlhf.prefix`): a prompt computed once for the samples that share it
+gives the numbers of the plain forward (log-probs, entropy, hidden states, gradients), the
+sampler draws the same tokens, and a GRPO step ends with the same weights."""
+
+import copy
+
+import pytest
+import torch
+
+from rlhf import prefix
+from rlhf.config import RolloutConfig
+from rlhf.data import left_pad
+from rlhf.experience import Rollout
+from rlhf.rollout import generate, policy_forward
+from tiny import tiny_llama
+
+
+def test_shared_prompts_finds_the_rows_of_each_distinct_prompt():
+    ids, mask = left_pad([[5, 6, 7], [5, 6, 7], [8, 9], [5, 6, 7], [8, 9], [4, 9]], 0)
+    shared = prefix.shared_prompts(ids, mask)
+    assert shared.first.tolist() == [0, 2, 5]  # first occurrences, in order
+    assert shared.inverse.tolist() == [0, 0, 1, 0, 1, 2]
+    assert torch.equal(ids[shared.first][shared.inverse], ids)
+
+
+def test_shared_prompts_none_when_every_row_differs_or_only_padding_tells_them_apart():
+    ids, mask = left_pad([[5, 6, 7], [6, 7], [1, 2]], 0)
+    assert prefix.shared_prompts(ids, mask) is None
+    # Same ids, another mask: a left-padded token 0 and a real token 0 are different prompts.
+    ids = torch.tensor([[0, 3, 4], [0, 3, 4]])
+    assert prefix.shared_prompts(ids, torch.tensor([[0, 1, 1], [1, 1, 1]])) is None
+    assert prefix.shared_prompts(ids, torch.tensor([[1, 1, 1], [1, 1, 1]])) is not None
+    assert prefix.shared_prompts(torch.tensor([[3], [3]]), torch.ones(2, 1, dtype=torch.long)) is None
+
+
+def _group_rollout(vocab: int = 64, group: int = 3, response_width: int = 7) -> Rollout:
+    """Three prompts (left-padded to different lengths), `group` samples each, responses of
+    several lengths (one ended early: padding after its EOS)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 3, 6)]
+    ids, mask = left_pad([p for p in prompts for _ in range(group)], 0)
+    B = ids.shape[0]
+    response = torch.randint(3, vocab, (B, response_width), generator=g)
+    response_mask = torch.ones(B, response_width)
+    response_mask[1, 4:] = 0
+    response[1, 4:] = 0
+    return Rollout(ids, mask, response, response_mask, torch.zeros(B, dtype=torch.bool))
+
+
+def test_shared_prefix_forward_gives_the_plain_forward_and_its_gradients():
+    # In float64. transformers' Llama computes its RMSNorm in fp32 whatever the dtype, so the
+    # gradients that pass back through a norm agree to fp32's rounding (1e-7 of their size);
+    # a gradient lost on the way through the copied cache would differ at order 1.
+    _check_shared_prefix_forward(grad_rtol=1e-6)
+
+
+def _check_shared_prefix_forward(grad_rtol):
+    model = tiny_llama(layers=3).double().train()
+    rollout = _group_rollout()
+    m = rollout.response_mask
+    weights = torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for share in (False, True):
+        outputs = policy_forward(model, rollout, 0.7, with_entropy=True, with_hidden=True, share_prefix=share)
+        grads = []
+        # The last hidden states, then log-probs and entropy (computed in fp32, algos).
+        for loss in ((outputs[2] @ weights * m).sum(), ((outputs[0] + 0.1 * outputs[1]) * m).sum()):
+            model.zero_grad()
+            loss.backward(retain_graph=True)
+            grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()])
+        results.append((outputs, grads))
+    (outs0, (hidden_g0, lp_g0)), (outs1, (hidden_g1, lp_g1)) = results
+    for a, b in zip(outs1, outs0):
+        shape = m.shape + (1,) * (a.dim() - 2)
+        torch.testing.assert_close(a * m.view(shape), b * m.view(shape), rtol=0, atol=1e-10)
+    for a, b in zip(hidden_g1, hidden_g0):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=grad_rtol * a.abs().max().item())
+    for a, b in zip(lp_g1, lp_g0):
+        torch.testing.assert_close(a, b, rtol=10 * grad_rtol, atol=10 * grad_rtol * a.abs().max().item())
+    # The prompt's share of the gradient goes through the copied cache to the first layer.
+    assert hidden_g0[0].abs().sum() > 0 and hidden_g0[1].abs().sum() > 0
+
+
+def test_shared_prefix_forward_runs_the_prompt_once_per_distinct_prompt():
+    model = tiny_llama().double()
+    rollout = _group_rollout(group=4)
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2]))
+    policy_forward(model, rollout, 1.0, share_prefix=True)
+    hook.remove()
+    P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    assert seen == [(3, P - 1), (12, R)]
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_generation_with_a_shared_prefill_draws_the_same_tokens(early_stop):
+    model = tiny_llama(layers=3).double()
+    rollout = _group_rollout(group=3)
+    base = dict(max_new_tokens=9, temperature=0.9, early_stop=early_stop, packed_decoding=False, samples_per_prompt=3)
+    out = []
+    for share in (False, True):
+        torch.manual_seed(4)
+        out.append(generate(model, rollout.prompt_ids, rollout.prompt_mask,
+                            RolloutConfig(**base, share_prompt_prefix=share), eos_id=2, pad_id=0))
+    assert torch.equal(out[0].response_ids, out[1].response_ids)
+    torch.testing.assert_close(out[1].gen_logprobs, out[0].gen_logprobs, rtol=0, atol=1e-10)
+    # The samples of a prompt differ: the copied cache does not tie their draws together.
+    assert not torch.equal(out[1].response_ids[0], out[1].response_ids[1])
+
+
+def test_generation_prefills_each_distinct_prompt_once():
+    model = tiny_llama()
+    rollout = _group_rollout(group=4)
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2]))
+    generate(model, rollout.prompt_ids, rollout.prompt_mask,
+             RolloutConfig(max_new_tokens=3, early_stop=False, packed_decoding=False, samples_per_prompt=4), 2, 0)
+    hook.remove()
+    assert seen == [(3, rollout.prompt_ids.shape[1]), (12, 1), (12, 1)]
+
+
+def test_models_with_sliding_window_caches_keep_the_plain_forward():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    assert prefix.supports_shared_prefix(tiny_llama())
+    sliding = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                               sliding_window=4))
+    assert not prefix.supports_shared_prefix(sliding)
+
+
+def test_grpo_steps_end_with_the_same_weights_with_and_without_shared_prefixes(tiny_policy_dir, tmp_path):
+    from rlhf.config import Config
+    from rlhf.ppo import PPOTrainer
+
+    (tmp_path / "prompts.txt").write_text("say a\nsay b b\nhello there you\n")
+    weights = []
+    for share in (False, True):
+        cfg = Config()
+        cfg.model.policy, cfg.reward.function = str(tiny_policy_dir), "test_prefix:length_reward"
+        cfg.data.prompts, cfg.data.chat_template = str(tmp_path / "prompts.txt"), False
+        cfg.rollout.batch_size, cfg.rollout.samples_per_prompt, cfg.rollout.max_new_tokens = 3, 4, 6
+        cfg.rollout.share_prompt_prefix = share
+        cfg.ppo.algo, cfg.ppo.kl_coef, cfg.ppo.lr = "grpo", 0.05, 1e-3
+        cfg.ppo.epochs, cfg.ppo.minibatch_size = 2, 6  # the whole batch kept, then halves re-run
+        cfg.train.steps, cfg.train.out_dir, cfg.train.save_every = 2, str(tmp_path / f"run_{share}"), 0
+        cfg.train.progress, cfg.train.report, cfg.train.threads, cfg.train.seed = False, False, 1, 3
+        trainer = PPOTrainer(cfg)
+        assert trainer.models.share_prefix is share
+        for _ in range(2):
+            trainer.step_once()
+        weights.append(copy.deepcopy(trainer.models.unwrapped_policy().state_dict()))
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(not torch.equal(v, weights[0][k]) for k, v in weights[1].items())  # rounded differently, not skipped
+
+
+def length_reward(prompts, responses):
+    return [float(len(r)) for r in responses]
