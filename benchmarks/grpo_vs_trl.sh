@@ -9,7 +9,7 @@ OUT=$1; STEPS=${2:-3}
 TRL_PYTHON=${TRL_PYTHON:-/work/venv-trl/bin/python}
 mkdir -p "$OUT"
 log() { echo "$1 $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/log.txt"; }
-for i in 1 2; do
+for i in $(seq 1 ${PAIRS:-2}); do
   log "rlhf_$i before"
   PYTHONPATH=$PWD timeout 900 .venv/bin/python -m rlhf bench --steps $((STEPS + 1)) --json \
     ppo.algo=grpo rollout.samples_per_prompt=4 reward.model=null \

@@ -62,6 +62,16 @@ def supports_shared_prefix(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which the model's forward takes a KV cache: `cache` in the
+    transformers releases that renamed it, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    base = getattr(base, "module", base)  # a DDP wrapper
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def expand_cache(cache, inverse: torch.Tensor) -> None:
     """Copy each distinct prompt's keys and values to the rows that share it, in place (a
     layer with its own `select_rows`, such as the decoding loop's preallocated one, does it)."""
@@ -86,11 +96,12 @@ def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: 
     cache = DynamicCache(config=prefix_model.config)
     rows = shared.first
     # logits_to_keep=1: the prefix's logits are never used; one position is the least asked.
+    key = cache_keyword(prefix_model)
     prefix_model(input_ids=ids[rows, :P - 1], attention_mask=mask[rows, :P - 1],
-                 position_ids=positions[rows, :P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                 position_ids=positions[rows, :P - 1], **{key: cache}, use_cache=True, logits_to_keep=1)
     expand_cache(cache, shared.inverse)
     return model(input_ids=ids[:, P - 1:S - 1], attention_mask=mask[:, :S - 1], position_ids=positions[:, P - 1:S - 1],
-                 past_key_values=cache, cache_position=torch.arange(P - 1, S - 1, device=ids.device), use_cache=True,
+                 **{key: cache}, cache_position=torch.arange(P - 1, S - 1, device=ids.device), use_cache=True,
                  **kwargs)
 
 

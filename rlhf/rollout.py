@@ -148,9 +148,10 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
     if cfg.share_prompt_prefix and cfg.samples_per_prompt > 1 and all(hasattr(l, "select_rows") for l in cache.layers):
         shared = prefix.shared_prompts(prompt_ids, prompt_mask)
     rows = shared.first if shared is not None else torch.arange(B, device=device)
+    cache_arg = {prefix.cache_keyword(model): cache}
     with precision.autocast(device):
         logits = model(input_ids=prompt_ids[rows], attention_mask=mask[rows, :P], position_ids=positions[rows, :P],
-                       past_key_values=cache, cache_position=torch.arange(P, device=device), logits_to_keep=1,
+                       **cache_arg, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
     if shared is not None:  # one prefill per distinct prompt, copied to the samples that share it
         prefix.expand_cache(cache, shared.inverse)
@@ -173,7 +174,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
                     break
             if t + 1 < R:
                 logits = model(input_ids=token[:, None], attention_mask=mask[:, :P + t + 1],
-                               position_ids=positions[:, P + t:P + t + 1], past_key_values=cache,
+                               position_ids=positions[:, P + t:P + t + 1], **cache_arg,
                                cache_position=torch.tensor([P + t], device=device), use_cache=True).logits[:, -1]
     response_ids, response_mask, has_eos = truncate_after_eos(response_ids[:, :width], eos_id, pad_id)
     gen_logprobs = torch.where(response_mask.bool(), gen_logprobs[:, :width], torch.zeros(()))
