@@ -157,3 +157,25 @@ def test_grpo_steps_end_with_the_same_weights_with_and_without_shared_prefixes(t
 
 def length_reward(prompts, responses):
     return [float(len(r)) for r in responses]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "falcon", "opt"])
+def test_other_architectures_give_the_plain_log_probs(arch):
+    import transformers
+
+    config = {
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+        "qwen2": lambda: transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2),
+        "falcon": lambda: transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "opt": lambda: transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                              num_attention_heads=4, word_embed_proj_dim=32),
+    }[arch]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    rollout = _group_rollout()
+    assert prefix.supports_shared_prefix(model)
+    plain = policy_forward(model, rollout, 1.0)[0]
+    shared = policy_forward(model, rollout, 1.0, share_prefix=True)[0]
+    m = rollout.response_mask
+    torch.testing.assert_close(shared * m, plain * m, rtol=0, atol=1e-10)
