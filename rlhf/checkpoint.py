@@ -313,7 +313,13 @@ def load_checkpoint(engine, run_dir: Path, state: TrainerState) -> Path:
             except pickle.UnpicklingError as e:
                 raise CheckpointError(f"{directory}: a file holds objects that torch's safe loader (weights_only) "
                                       f"refuses, so it was not loaded: {str(e).splitlines()[0]}") from None
-            state.load_state_dict(read_trainer_state(directory))
+            try:
+                state.load_state_dict(read_trainer_state(directory))
+            except KeyError as e:
+                raise CheckpointError(
+                    f"{directory}: its trainer state ({STATE_JSON}) has no {e.args[0]!r}: it was written by an "
+                    "older version of rlhf, which saved less; resume it with that version, or start a new run "
+                    "from its weights") from None
             if problems:
                 log.warning("resuming from %s instead of the newer %s", directory.name, "; ".join(problems))
             return directory

@@ -303,6 +303,21 @@ def test_a_truncated_random_state_file_is_an_error_when_no_checkpoint_is_left(tw
         PPOTrainer.resume(run, ["train.steps=3"])
 
 
+@pytest.mark.parametrize("key", ["schedules", "monitor"])
+def test_a_trainer_state_from_an_older_version_is_one_line_naming_what_it_lacks(two_checkpoints, key):
+    from rlhf.checkpoint import STATE_JSON
+
+    newest = two_checkpoints / "checkpoints" / "step-000002"
+    state = json.loads((newest / STATE_JSON).read_text())
+    del state[key]
+    (newest / STATE_JSON).write_text(json.dumps(state))
+    _update_manifest(newest)
+    with pytest.raises(CheckpointError, match=rf"step-000002: its trainer state .* has no '{key}': it was written "
+                                              r"by an older version of rlhf"):
+        PPOTrainer.resume(two_checkpoints, ["train.steps=3"])
+    assert (two_checkpoints / "checkpoints" / "step-000002" / STATE_JSON).is_file()  # nothing removed
+
+
 class _Payload:
     """What a malicious pickle holds: unpickling it creates a file (in a real attack, runs a
     shell command)."""
