@@ -210,7 +210,7 @@ class Floors:
 
 def phase_floors(shape: StepShape, rates: MachineRates, dtype: str, policy: ModelCost, critic: ModelCost | None,
                  reward: ModelCost | None, epochs: int, trainable_params: int, torch_mm: bool = False,
-                 shared_prefill: bool = False, shared_forwards: bool = False) -> Floors:
+                 shared_prefill: bool = False, shared_forwards: bool = False, shared_update: bool = False) -> Floors:
     """The floor of each phase of one PPO step.
 
     `critic` None: the values come from a head on the policy's trunk (no extra pass).
@@ -218,8 +218,11 @@ def phase_floors(shape: StepShape, rates: MachineRates, dtype: str, policy: Mode
     frozen part costs. Backward is twice the forward for trained weights; for frozen weights
     (LoRA's base) only the input gradients are needed, once the forward. `torch_mm`: count
     fp32 matmuls at torch.matmul's rate instead of the best kernel's. `shared_prefill`,
-    `shared_forwards`: the generation prefill, and the policy's and reference's forwards,
-    compute each distinct prompt once (`rlhf.prefix`): the floor counts that work.
+    `shared_forwards`, `shared_update`: the generation prefill, the scoring forwards of policy
+    and reference, and the update's forwards compute each distinct prompt once
+    (`rlhf.prefix`): the floor counts that work. The update shares only when its micro-batch
+    is the whole batch; smaller shuffled micro-batches split the groups, and the floor then
+    counts the update's work row by row (an upper bound).
     """
     flops_per_s = rates.matmul(dtype, torch_mm)
     weight_bytes = 2 if dtype == "bfloat16" else 4
@@ -238,21 +241,24 @@ def phase_floors(shape: StepShape, rates: MachineRates, dtype: str, policy: Mode
         generation += max(flops / flops_per_s, bytes_read / (rates.memory_gbs * 1e9))
 
     # Scoring: old log-probs (policy), reference log-probs, values, reward.
-    policy_fwd = policy.forward_flops(lengths, shape.response_tokens)
     frozen = ModelCost(policy.trunk_params, policy.head_params, policy.layers, policy.attn_width, policy.kv_width)
-    ref_fwd = frozen.forward_flops(lengths, shape.response_tokens)
-    if shared_forwards and distinct is not None:
-        # The prompts but their last token run once per distinct prompt, not once per row.
-        def repeated(model: ModelCost) -> float:
-            return (model.forward_flops([p - 1 for p in shape.prompt_lengths], 0)
-                    - model.forward_flops([p - 1 for p in distinct], 0))
+    policy_fwd, ref_fwd = (m.forward_flops(lengths, shape.response_tokens) for m in (policy, frozen))
 
-        policy_fwd, ref_fwd = policy_fwd - repeated(policy), ref_fwd - repeated(frozen)
+    def shared(flops: float, model: ModelCost) -> float:
+        """A forward whose rows with the same prompt run it, but its last token, once."""
+        if distinct is None:
+            return flops
+        return flops - (model.forward_flops([p - 1 for p in shape.prompt_lengths], 0)
+                        - model.forward_flops([p - 1 for p in distinct], 0))
+
+    score_policy, score_ref = ((shared(f, m) if shared_forwards else f) for f, m in ((policy_fwd, policy), (ref_fwd, frozen)))
     critic_fwd = critic.forward_flops(lengths, sum(lengths)) if critic is not None else 0.0
     reward_fwd = reward.forward_flops(lengths, sum(lengths)) if reward is not None else 0.0
-    score = (policy_fwd + ref_fwd + critic_fwd + reward_fwd) / flops_per_s
+    score = (score_policy + score_ref + critic_fwd + reward_fwd) / flops_per_s
 
     # Update, per epoch: forward, then backward (2x for trained weights, 1x for frozen).
+    if shared_update:
+        policy_fwd, ref_fwd = shared(policy_fwd, policy), shared(ref_fwd, frozen)
     if policy.adapter_params:
         adapters = policy_fwd - ref_fwd
         policy_bwd = ref_fwd + 2 * adapters
@@ -432,8 +438,15 @@ def run_bench(config: str | None = None, overrides: list[str] | None = None, ste
         trainer.generator = recorder = RecordingGenerator(trainer.generator)
         rows = [_timed_step(trainer, recorder) for _ in range(steps)]
         shapes = [step_shape(r) for r in recorder.rollouts]
-        shared = {"shared_prefill": cfg.rollout.share_prompt_prefix and cfg.rollout.samples_per_prompt > 1,
-                  "shared_forwards": trainer.models.share_prefix}
+        from rlhf.prefix import shares_prefill
+        from rlhf.updater import Updater
+
+        sequences = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+        whole_batch = Updater.batch_shape(cfg.ppo, sequences)[2] == sequences
+        shared = {"shared_prefill": cfg.rollout.engine == "hf" and shares_prefill(cfg.rollout,
+                                                                                 trainer.models.unwrapped_policy()),
+                  "shared_forwards": trainer.models.share_prefix,
+                  "shared_update": trainer.models.share_prefix and whole_batch}
         floors, mm_floors = ([phase_floors(s, rates, cfg.model.dtype, *_costs(trainer), cfg.ppo.epochs,
                                            _trainable(trainer), torch_mm=mm, **shared) for s in shapes]
                              for mm in (False, True))
@@ -455,7 +468,8 @@ def format_result(r: dict) -> str:
         f"tokens, response "
         f"{s['response_tokens_mean']:.1f} tokens (max {s['max_new_tokens']}, early_stop={s['early_stop']}), "
         f"dtype {s['dtype']}, lora={s['lora']}, value_head={s['value_head']}, epochs {s['epochs']}, "
-        f"prompts shared in groups: prefill {s['shared_prefill']}, forwards {s['shared_forwards']}",
+        f"prompts shared in groups: prefill {s['shared_prefill']}, scoring {s['shared_forwards']}, "
+        f"update {s['shared_update']}",
         f"median of {r['steps_timed']} steps (first excluded):",
         f"  {'phase':<12}{'median s':>10}{'floor s':>10}{'ratio':>8}",
     ]

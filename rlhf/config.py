@@ -171,8 +171,9 @@ class RolloutConfig:
     """Groups (samples_per_prompt >= 2): each distinct prompt is computed once in the
     generation prefill and in the log-prob forwards, its keys and values copied to the samples
     that share it (`rlhf.prefix`). Same maths, the sums rounded in another order. The
-    log-prob forwards keep the plain forward under activation checkpointing and FSDP2, and for
-    models whose KV cache is not transformers' plain dynamic cache on every layer."""
+    log-prob forwards keep the plain forward under activation checkpointing and FSDP2; models
+    whose KV cache is not transformers' plain dynamic cache on every layer (sliding-window,
+    recurrent) keep it everywhere."""
     engine: Literal["hf", "vllm"] = "hf"
     """What samples: `hf`, rlhf's own decoding loop on the policy (or, under FSDP2, on a
     gathered copy); `vllm`, an in-process vLLM engine loaded from the policy's directory, its

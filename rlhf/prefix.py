@@ -4,9 +4,9 @@ distinct prompt and copied to each of its samples, in the generation prefill and
 log-prob forwards (with gradients too: the copies' gradients add up in the shared prefix).
 
 A forward over (prompt, response) then runs in two calls of the model: the prompt without its
-last token, once per distinct prompt, into a KV cache; the cache copied to every row; then the
-last prompt token and the response for every row, whose R logits are exactly the positions that
-predict the response. Same maths as one forward over the whole sequences; the sums are rounded
+last token, once per distinct prompt, into a KV cache; then the last prompt token and the
+response for every row, each layer reading the cache copied to every row (`SharedPrefixLayer`),
+whose R logits are exactly the positions that predict the response. Same maths as one forward over the whole sequences; the sums are rounded
 in another order (differences of the order of 1e-5 in fp32 log-probs).
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -48,12 +49,16 @@ def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Share
 
 def supports_shared_prefix(model: nn.Module) -> bool:
     """True for models whose KV cache is transformers' plain dynamic cache on every layer
-    (full attention); sliding-window and other caches keep the plain forward."""
+    (full attention); sliding-window, recurrent (Mamba, convolution) and other caches keep the
+    plain forward."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    config = getattr(model, "config", None)
-    if config is None:
+    base = _unwrapped(model)
+    config = getattr(base, "config", None)
+    if config is None or getattr(base, "_is_stateful", False):
+        return False
+    default_cache = getattr(type(base), "_supports_default_dynamic_cache", None)
+    if default_cache is not None and not default_cache():
         return False
     try:
         cache = DynamicCache(config=config)
@@ -62,25 +67,36 @@ def supports_shared_prefix(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DDP wrapper and a peft wrapper."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+
+
 def cache_keyword(model: nn.Module) -> str:
     """The keyword under which the model's forward takes a KV cache: `cache` in the
     transformers releases that renamed it, `past_key_values` before."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
-    base = getattr(base, "module", base)  # a DDP wrapper
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(_unwrapped(model)).forward).parameters else "past_key_values"
 
 
-def expand_cache(cache, inverse: torch.Tensor) -> None:
-    """Copy each distinct prompt's keys and values to the rows that share it, in place (a
-    layer with its own `select_rows`, such as the decoding loop's preallocated one, does it)."""
-    for layer in cache.layers:
-        if hasattr(layer, "select_rows"):
-            layer.select_rows(inverse)
-            continue
-        layer.keys = layer.keys.index_select(0, inverse)
-        layer.values = layer.values.index_select(0, inverse)
+class SharedPrefixLayer(DynamicLayer):
+    """A cache layer that keeps the prompt's keys and values once per distinct prompt and,
+    for the one call that follows, returns them copied to every row (`inverse`) and followed
+    by that call's own; it stores nothing more, so a forward without gradients never holds a
+    whole-batch cache of every layer at once."""
+
+    @classmethod
+    def of(cls, layer: DynamicLayer, inverse: torch.Tensor) -> "SharedPrefixLayer":
+        shared = cls.__new__(cls)
+        shared.__dict__.update(layer.__dict__)  # keys, values and whatever else this version keeps
+        shared.inverse = inverse
+        return shared
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return (torch.cat([self.keys.index_select(0, self.inverse), key_states], dim=-2),
+                torch.cat([self.values.index_select(0, self.inverse), value_states], dim=-2))
 
 
 def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, prompt_width: int,
@@ -99,7 +115,7 @@ def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: 
     key = cache_keyword(prefix_model)
     prefix_model(input_ids=ids[rows, :P - 1], attention_mask=mask[rows, :P - 1],
                  position_ids=positions[rows, :P - 1], **{key: cache}, use_cache=True, logits_to_keep=1)
-    expand_cache(cache, shared.inverse)
+    cache.layers = [SharedPrefixLayer.of(layer, shared.inverse) for layer in cache.layers]
     return model(input_ids=ids[:, P - 1:S - 1], attention_mask=mask[:, :S - 1], position_ids=positions[:, P - 1:S - 1],
                  **{key: cache}, cache_position=torch.arange(P - 1, S - 1, device=ids.device), use_cache=True,
                  **kwargs)
@@ -113,3 +129,9 @@ def shares_prefix(cfg, model: nn.Module, sharded: bool = False) -> bool:
     model whose cache allows it."""
     return (cfg.rollout.share_prompt_prefix and cfg.rollout.samples_per_prompt > 1 and not sharded
             and not cfg.model.gradient_checkpointing and supports_shared_prefix(model))
+
+
+def shares_prefill(rollout_cfg, model: nn.Module) -> bool:
+    """Whether the decoding loop prefills each distinct prompt once: groups of samples, the
+    option on, and a model whose cache allows it."""
+    return rollout_cfg.share_prompt_prefix and rollout_cfg.samples_per_prompt > 1 and supports_shared_prefix(model)

@@ -145,7 +145,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
     precision = as_precision(precision)
     packed = decoding(model, B) if decoding is not None else nullcontext()
     shared = None
-    if cfg.share_prompt_prefix and cfg.samples_per_prompt > 1 and all(hasattr(l, "select_rows") for l in cache.layers):
+    if prefix.shares_prefill(cfg, model):  # every layer is then a preallocated one
         shared = prefix.shared_prompts(prompt_ids, prompt_mask)
     rows = shared.first if shared is not None else torch.arange(B, device=device)
     cache_arg = {prefix.cache_keyword(model): cache}
@@ -154,7 +154,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
                        **cache_arg, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
     if shared is not None:  # one prefill per distinct prompt, copied to the samples that share it
-        prefix.expand_cache(cache, shared.inverse)
+        for layer in cache.layers:
+            layer.select_rows(shared.inverse)
         logits = logits[shared.inverse]
     with precision.autocast(device), packed:
         for t in range(R):

@@ -424,9 +424,13 @@ def test_floor_counts_each_distinct_prompt_once_when_groups_share_it():
                       distinct_prompt_lengths=[3, 5])
     rates = MachineRates(fp32_gflops=1.0, bf16_gflops=4.0, memory_gbs=1e9, fp32_mm_gflops=1.0)
     plain = phase_floors(shape, rates, "float32", cost, None, None, epochs=1, trainable_params=0)
-    shared = phase_floors(shape, rates, "float32", cost, None, None, 1, 0, shared_prefill=True, shared_forwards=True)
+    shared = phase_floors(shape, rates, "float32", cost, None, None, 1, 0, shared_prefill=True, shared_forwards=True,
+                          shared_update=True)
     assert plain.generation_s == pytest.approx(cost.forward_flops([3, 3, 5, 5], 4) / 1e9)
     assert shared.generation_s == pytest.approx(cost.forward_flops([3, 5], 2) / 1e9)
     saved = cost.forward_flops([2, 4], 0) / 1e9  # one copy of each prompt less its last token
     assert shared.score_s == pytest.approx(plain.score_s - 2 * saved)  # policy and reference
     assert shared.update_s == pytest.approx(plain.update_s - 3 * saved)  # forward and backward (2x)
+    # Micro-batches smaller than the batch split the groups: the update counted row by row.
+    split = phase_floors(shape, rates, "float32", cost, None, None, 1, 0, shared_prefill=True, shared_forwards=True)
+    assert split.score_s == pytest.approx(shared.score_s) and split.update_s == pytest.approx(plain.update_s)

@@ -77,8 +77,14 @@ def _check_shared_prefix_forward(grad_rtol):
         torch.testing.assert_close(a, b, rtol=grad_rtol, atol=grad_rtol * a.abs().max().item())
     for a, b in zip(lp_g1, lp_g0):
         torch.testing.assert_close(a, b, rtol=10 * grad_rtol, atol=10 * grad_rtol * a.abs().max().item())
-    # The prompt's share of the gradient goes through the copied cache to the first layer.
-    assert hidden_g0[0].abs().sum() > 0 and hidden_g0[1].abs().sum() > 0
+    # Tokens that occur only in prompts reach the loss only through the copied cache: their
+    # embedding rows have the plain forward's gradient, and it is not zero.
+    prompt_only = sorted(set(rollout.prompt_ids[rollout.prompt_mask.bool()].tolist())
+                         - set(rollout.response_ids.flatten().tolist()))
+    assert prompt_only
+    embedding = hidden_g1[0][prompt_only]
+    assert (embedding.abs().sum(-1) > 0).all()
+    torch.testing.assert_close(embedding, hidden_g0[0][prompt_only], rtol=grad_rtol, atol=grad_rtol * embedding.abs().max().item())
 
 
 def test_shared_prefix_forward_runs_the_prompt_once_per_distinct_prompt():
@@ -90,6 +96,16 @@ def test_shared_prefix_forward_runs_the_prompt_once_per_distinct_prompt():
     hook.remove()
     P, R = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     assert seen == [(3, P - 1), (12, R)]
+    # The cache the forward leaves behind holds the distinct prompts only, not every row's
+    # keys and values of every layer.
+    from rlhf.rollout import position_ids
+
+    ids, mask = rollout.sequence_ids, rollout.attention_mask
+    with torch.no_grad():
+        out = prefix.forward(model, ids, mask, position_ids(mask), P, prefix.shared_prompts(rollout.prompt_ids,
+                                                                                             rollout.prompt_mask))
+    cache = out.past_key_values
+    assert all(layer.keys.shape[:3:2] == (3, P - 1) and layer.values.shape[0] == 3 for layer in cache.layers)
 
 
 @pytest.mark.parametrize("early_stop", [False, True])
@@ -179,3 +195,53 @@ def test_other_architectures_give_the_plain_log_probs(arch):
     shared = policy_forward(model, rollout, 1.0, share_prefix=True)[0]
     m = rollout.response_mask
     torch.testing.assert_close(shared * m, plain * m, rtol=0, atol=1e-10)
+
+
+def test_a_lora_policy_and_its_adapter_free_reference_give_the_plain_log_probs():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama().double(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    rollout = _group_rollout()
+    m = rollout.response_mask
+    with_adapter = [policy_forward(model, rollout, 1.0, share_prefix=s)[0] * m for s in (False, True)]
+    with model.disable_adapter():
+        reference = [policy_forward(model, rollout, 1.0, share_prefix=s, prefix_model=model)[0] * m for s in (False, True)]
+    torch.testing.assert_close(with_adapter[1], with_adapter[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(reference[1], reference[0], rtol=0, atol=1e-10)
+    assert (with_adapter[0] - reference[0]).abs().max() > 1e-3  # the adapter was on, then off
+
+
+def test_cache_keyword_reads_the_model_inside_ddp_and_peft(tmp_path):
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    class OlderModel(torch.nn.Module):  # a forward that still names the cache past_key_values
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    assert prefix.cache_keyword(OlderModel()) == "past_key_values"
+    policy = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    assert prefix.cache_keyword(policy) == "cache"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert prefix.cache_keyword(DistributedDataParallel(policy)) == "cache"
+        assert prefix.supports_shared_prefix(DistributedDataParallel(policy))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_generation_keeps_the_plain_prefill_for_sliding_window_models():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4, sliding_window=4)).eval()
+    rollout = _group_rollout(group=4)
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:2]))
+    out = generate(model, rollout.prompt_ids, rollout.prompt_mask,
+                   RolloutConfig(max_new_tokens=3, early_stop=False, packed_decoding=False, samples_per_prompt=4), 2, 0)
+    hook.remove()
+    assert seen[0] == (12, rollout.prompt_ids.shape[1]) and out.response_ids.shape == (12, 3)
