@@ -270,7 +270,59 @@ class _CriticFreeChecks:
         return None
 
 
-class HealthMonitor(_CriticFreeChecks):
+class _UpdateChecks:
+    """The checks of sampling and of the updates: a negative KL or a log-prob gap (samples not
+    drawn from the trained policy), a critic that does not learn, updates that move the policy
+    too far; a part of `HealthMonitor`, whose windows they read."""
+
+    def _negative_kl(self):
+        c = self.cfg
+        if self.n < c.window:
+            return None
+        kl, gap = _mean(self.recent[KL][-c.window:]), _mean(self.recent[GAP][-c.window:])
+        evidence, found = {"kl_mean": _rounded(kl), "logprob_gap": _rounded(gap)}, []
+        if kl is not None and kl < -c.negative_kl_tol:
+            found.append(f"the mean KL estimate over the last {c.window} steps is negative ({kl:.3g} nats)")
+        if gap is not None and gap > c.logprob_gap_max:
+            found.append(f"generation and training log-probs differ by {gap:.3g} per token")
+        if not found:
+            return None
+        return (" and ".join(found) + ": the samples are not drawn from the policy being trained. Turn off "
+                "rollout.top_k / rollout.top_p (and any min-length or repetition penalty), and recompute log-probs "
+                "at rollout.temperature; a log-prob gap with plain sampling points to a dtype or backend mismatch "
+                "(try model.dtype=float32)", evidence)
+
+    def _critic_not_learning(self):
+        c = self.cfg
+        steps = self.recent_steps[-c.window:]
+        if len(steps) < c.window or steps[0] <= c.warmup_steps:
+            return None
+        # The median: one batch with near-constant returns gives a huge negative EV on its own.
+        ev = _median(self.recent[EV][-c.window:])
+        if ev is None or ev > c.critic_ev_min:
+            return None
+        return (f"the critic's explained variance is {ev:.3g} (median of the last {c.window} steps, after "
+                f"{c.warmup_steps} warm-up steps): it predicts the returns no better than a constant, so the "
+                "advantages are noise. Check model.critic (start it from the reward model), ppo.critic_lr "
+                "(too low to learn, or so high the value loss jumps) and ppo.value_clip",
+                {"explained_variance": _rounded(ev), "warmup_steps": c.warmup_steps})
+
+    def _updates_too_large(self):
+        c = self.cfg
+        if self.streak < c.patience:
+            return None
+        clipfrac = _mean(self.recent[CLIPFRAC][-c.patience:]) or 0.0
+        approx_kl = _mean(self.recent[APPROX_KL][-c.patience:]) or 0.0
+        return (f"for {self.streak} steps the clip fraction ({clipfrac:.2f}, limit "
+                f"{c.clipfrac_max:g}) or approximate KL ({approx_kl:.3g}, limit "
+                f"{c.approx_kl_max:g}) stayed too high: each update moves the policy far from the rollout policy. "
+                "Lower ppo.lr or ppo.epochs, or use larger ppo.minibatch_size",
+                {"clipfrac": _rounded(clipfrac), "approx_kl": _rounded(approx_kl), "steps": self.streak,
+                 "clipfrac_high": _rounded(_mean(self.recent[CLIP_HIGH][-c.patience:])),
+                 "clipfrac_low": _rounded(_mean(self.recent[CLIP_LOW][-c.patience:]))})
+
+
+class HealthMonitor(_CriticFreeChecks, _UpdateChecks):
     """Feed it metrics rows in step order; it returns the alerts that fire.
 
     `critic_free`: the run's advantage estimator reads no critic (GRPO, RLOO, REINFORCE++).
@@ -485,49 +537,3 @@ class HealthMonitor(_CriticFreeChecks):
                 "raise ppo.lr, or check that the advantages are not masked out",
                 {"kl_max_abs": _rounded(max(abs(v) for v in kls)), "score_rise_std": _rounded(rise),
                  "steps": c.over_reg_steps})
-
-    def _negative_kl(self):
-        c = self.cfg
-        if self.n < c.window:
-            return None
-        kl, gap = _mean(self.recent[KL][-c.window:]), _mean(self.recent[GAP][-c.window:])
-        evidence, found = {"kl_mean": _rounded(kl), "logprob_gap": _rounded(gap)}, []
-        if kl is not None and kl < -c.negative_kl_tol:
-            found.append(f"the mean KL estimate over the last {c.window} steps is negative ({kl:.3g} nats)")
-        if gap is not None and gap > c.logprob_gap_max:
-            found.append(f"generation and training log-probs differ by {gap:.3g} per token")
-        if not found:
-            return None
-        return (" and ".join(found) + ": the samples are not drawn from the policy being trained. Turn off "
-                "rollout.top_k / rollout.top_p (and any min-length or repetition penalty), and recompute log-probs "
-                "at rollout.temperature; a log-prob gap with plain sampling points to a dtype or backend mismatch "
-                "(try model.dtype=float32)", evidence)
-
-    def _critic_not_learning(self):
-        c = self.cfg
-        steps = self.recent_steps[-c.window:]
-        if len(steps) < c.window or steps[0] <= c.warmup_steps:
-            return None
-        # The median: one batch with near-constant returns gives a huge negative EV on its own.
-        ev = _median(self.recent[EV][-c.window:])
-        if ev is None or ev > c.critic_ev_min:
-            return None
-        return (f"the critic's explained variance is {ev:.3g} (median of the last {c.window} steps, after "
-                f"{c.warmup_steps} warm-up steps): it predicts the returns no better than a constant, so the "
-                "advantages are noise. Check model.critic (start it from the reward model), ppo.critic_lr "
-                "(too low to learn, or so high the value loss jumps) and ppo.value_clip",
-                {"explained_variance": _rounded(ev), "warmup_steps": c.warmup_steps})
-
-    def _updates_too_large(self):
-        c = self.cfg
-        if self.streak < c.patience:
-            return None
-        clipfrac = _mean(self.recent[CLIPFRAC][-c.patience:]) or 0.0
-        approx_kl = _mean(self.recent[APPROX_KL][-c.patience:]) or 0.0
-        return (f"for {self.streak} steps the clip fraction ({clipfrac:.2f}, limit "
-                f"{c.clipfrac_max:g}) or approximate KL ({approx_kl:.3g}, limit "
-                f"{c.approx_kl_max:g}) stayed too high: each update moves the policy far from the rollout policy. "
-                "Lower ppo.lr or ppo.epochs, or use larger ppo.minibatch_size",
-                {"clipfrac": _rounded(clipfrac), "approx_kl": _rounded(approx_kl), "steps": self.streak,
-                 "clipfrac_high": _rounded(_mean(self.recent[CLIP_HIGH][-c.patience:])),
-                 "clipfrac_low": _rounded(_mean(self.recent[CLIP_LOW][-c.patience:]))})
