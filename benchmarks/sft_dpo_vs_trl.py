@@ -84,7 +84,8 @@ def _summary(side: str, stage: str, packing: bool, steps: list[dict], extra: dic
 # --------------------------------------------------------------------------------------
 
 
-def run_rlhf(stage: str, data: Path, steps: int, packing: bool, out: Path, onednn: bool = True) -> None:
+def run_rlhf(stage: str, data: Path, steps: int, packing: bool, out: Path, onednn: bool = True,
+             share_prompt: bool = True) -> None:
     import torch
     import yaml
 
@@ -107,7 +108,7 @@ def run_rlhf(stage: str, data: Path, steps: int, packing: bool, out: Path, onedn
                "train": {"out_dir": tmp, "steps": steps, "batch_size": BATCH, "threads": THREADS, "report": False,
                          "progress": False, "eval_every": 0, "save_every": 0, "seed": 0, **extra}}
         if stage == "dpo":
-            cfg["dpo"] = {"beta": 0.1, "loss": "sigmoid"}
+            cfg["dpo"] = {"beta": 0.1, "loss": "sigmoid", "share_prompt": share_prompt}
         (Path(tmp) / "bench.yaml").write_text(yaml.safe_dump(cfg))
         trainer = Trainer(load_config(Trainer.config_cls, str(Path(tmp) / "bench.yaml"), []))
         rows = []
@@ -123,7 +124,7 @@ def run_rlhf(stage: str, data: Path, steps: int, packing: bool, out: Path, onedn
         finally:
             trainer.engine.end()
     timed = rows[1:]
-    result = _summary("rlhf", stage, packing, timed, {"onednn_matmul": onednn,
+    result = _summary("rlhf", stage, packing, timed, {"onednn_matmul": onednn, "share_prompt": share_prompt,
         "warmup_step": rows[0], "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "tokens_per_s_end_to_end": sum(r["tokens"] for r in timed) / sum(r["seconds_end_to_end"] for r in timed),
         "attn_implementation": trainer.unwrapped_policy().config._attn_implementation})
@@ -270,6 +271,7 @@ def main() -> None:
         s.add_argument("--json", type=Path, required=True)
         if side == "rlhf":
             s.add_argument("--no-onednn", action="store_true", help="model.onednn_matmul=false (torch's kernels)")
+            s.add_argument("--no-share-prompt", action="store_true", help="dpo.share_prompt=false")
     a = sub.add_parser("all")
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--sft-steps", type=int, default=6)
@@ -281,7 +283,8 @@ def main() -> None:
     if args.cmd == "data":
         write_data(args.dir)
     elif args.cmd == "rlhf":
-        run_rlhf(args.stage, args.data, args.steps, args.packing, args.json, onednn=not args.no_onednn)
+        run_rlhf(args.stage, args.data, args.steps, args.packing, args.json, onednn=not args.no_onednn,
+                 share_prompt=not args.no_share_prompt)
     elif args.cmd == "trl":
         run_trl(args.stage, args.data, args.steps, args.packing, args.json)
     else:

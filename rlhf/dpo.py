@@ -26,8 +26,10 @@ import torch
 from rlhf import algos
 from rlhf.config import ConfigError, PolicyConfig
 from rlhf.data import DataError, Prompt, tokenize_prompts
-from rlhf.offline import (OfflineTrainConfig, OfflineTrainer, Tokens, collate, encode_response, prompt_and_response,
-                          token_logprobs)
+from rlhf.experience import Rollout
+from rlhf.offline import OfflineTrainConfig, OfflineTrainer, Tokens, encode_response, prompt_and_response
+from rlhf.prefix import supports_shared_prefix
+from rlhf.rollout import policy_forward
 from rlhf.reward_model import load_preferences, split_by_line
 
 
@@ -61,6 +63,11 @@ class DPOLossConfig:
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     """`sigmoid`: the DPO loss -log sigmoid(beta * h) on the sequence log-ratio gap h. `ipo`:
     (h - 1/(2 beta))^2 on the token-mean log-probs, which stops at a finite gap."""
+    share_prompt: bool = True
+    """Compute a pair's prompt once for its chosen and its rejected response (`rlhf.prefix`),
+    in the policy's and the reference's forwards. Same maths, the sums rounded in another
+    order. Not used under activation checkpointing and FSDP2, nor for models whose KV cache is
+    not transformers' plain dynamic cache on every layer."""
 
 
 @dataclass
@@ -95,6 +102,25 @@ class DPOConfig:
         if self.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta: expected > 0, got {self.dpo.beta}")
         self.train.validate()
+
+
+def as_rollout(rows: list[Tokens], pad_id: int, device) -> Rollout:
+    """Examples laid out as a PPO rollout: the tokens before the first learned one as the
+    prompt (left-padded), the rest as the response (right-padded), its mask the loss mask;
+    the rows of one pair then share their prompt. An example with no learned token keeps its
+    last token as a masked response."""
+    from rlhf.data import left_pad
+
+    cuts = [next((i for i, m in enumerate(t.loss_mask) if m), len(t.ids) - 1) for t in rows]
+    prompt_ids, prompt_mask = left_pad([t.ids[:c] for t, c in zip(rows, cuts)], pad_id)
+    width = max(len(t.ids) - c for t, c in zip(rows, cuts))
+    response = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for r, (t, c) in enumerate(zip(rows, cuts)):
+        response[r, :len(t.ids) - c] = torch.tensor(t.ids[c:])
+        mask[r, :len(t.ids) - c] = torch.tensor(t.loss_mask[c:], dtype=mask.dtype)
+    return Rollout(prompt_ids.to(device), prompt_mask.to(device), response.to(device), mask.to(device),
+                   torch.zeros(len(rows), dtype=torch.bool, device=device))
 
 
 class PreferencePair(NamedTuple):
@@ -166,23 +192,34 @@ class DPOTrainer(OfflineTrainer):
     def sequences(self, item) -> list[Tokens]:
         return [item.chosen, item.rejected]
 
+    def _logprobs(self, model, rollout: Rollout, prefix_model) -> torch.Tensor:
+        """Log-probs of the responses' tokens, (B, R); a pair's prompt computed once when shared."""
+        sharing = {"share_prefix": True, "prefix_model": prefix_model} if self.share_prompt else {}
+        return policy_forward(model, rollout, 1.0, self.precision, **sharing)[0]
+
     @torch.no_grad()
-    def _reference_logprobs(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         if self.ref is not None:
-            return token_logprobs(self.ref, ids, positions, self.precision)
+            return self._logprobs(self.ref, rollout, self.ref)
         policy = self.unwrapped_policy()
         with policy.disable_adapter():
-            return token_logprobs(policy, ids, positions, self.precision)
+            return self._logprobs(policy, rollout, policy)
+
+    @property
+    def share_prompt(self) -> bool:
+        m = self.cfg.model
+        return (self.cfg.dpo.share_prompt and not m.gradient_checkpointing
+                and not getattr(self.engine, "shards_parameters", False) and supports_shared_prefix(self.unwrapped_policy()))
 
     def _pair_terms(self, model, items: list[PreferencePair], ref: torch.Tensor | None = None) -> PairTerms:
         """The DPO terms of pairs, chosen sequences first, then rejected, in one forward of the
         policy (and of the reference, unless its sequence log-probs `ref` are given)."""
-        rows = [[p.chosen] for p in items] + [[p.rejected] for p in items]
-        ids, positions, mask = collate(rows, self.tokenizer.pad_token_id, self.engine.device)
-        average = self.cfg.dpo.loss == "ipo"
+        rollout = as_rollout([p.chosen for p in items] + [p.rejected for p in items], self.tokenizer.pad_token_id,
+                             self.engine.device)
+        mask, average = rollout.response_mask, self.cfg.dpo.loss == "ipo"
         if ref is None:
-            ref = algos.sequence_logprobs(self._reference_logprobs(ids, positions), mask, average)
-        logps = algos.sequence_logprobs(token_logprobs(model, ids, positions, self.precision), mask, average)
+            ref = algos.sequence_logprobs(self._reference_logprobs(rollout), mask, average)
+        logps = algos.sequence_logprobs(self._logprobs(model, rollout, self.unwrapped_policy()), mask, average)
         n = len(items)
         losses, chosen, rejected = algos.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.dpo.beta,
                                                   self.cfg.dpo.loss)

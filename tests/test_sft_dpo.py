@@ -330,6 +330,43 @@ def test_dpo_under_lora_uses_the_adapter_disabled_base_as_reference(tmp_path, ti
     assert (tmp_path / "dpo" / "final" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_dpo_pairs_are_laid_out_as_rollouts_with_the_prompt_before_the_first_learned_token():
+    from rlhf.dpo import as_rollout
+
+    rows = [Tokens([5, 6, 7, 8, 2], [0, 0, 0, 1, 1]), Tokens([5, 6, 7, 9, 9, 2], [0, 0, 0, 1, 1, 1]),
+            Tokens([4, 3], [0, 0])]  # the last: its response cut off entirely
+    r = as_rollout(rows, pad_id=0, device="cpu")
+    assert r.prompt_ids.tolist() == [[5, 6, 7], [5, 6, 7], [0, 0, 4]]
+    assert r.prompt_mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1]]
+    assert r.response_ids.tolist() == [[8, 2, 0], [9, 9, 2], [3, 0, 0]]
+    assert r.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_dpo_log_probs_are_those_of_one_forward_over_each_whole_sequence(tmp_path, tiny_policy_dir, share):
+    """The oracle: each prompt + response in one forward (offline's packed layout), its
+    log-probs summed over the loss mask. With shared prompts a pair's prompt runs once."""
+    from rlhf import algos
+
+    trainer = DPOTrainer(dpo_config(tmp_path, tiny_policy_dir, dpo__share_prompt=share))
+    assert trainer.share_prompt is share
+    items = trainer.train_items[:5]
+    rows = [[p.chosen] for p in items] + [[p.rejected] for p in items]
+    ids, positions, mask = collate(rows, trainer.tokenizer.pad_token_id, "cpu")
+    seen = []
+    layer = trainer.unwrapped_policy().model.layers[0]
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        expected = algos.sequence_logprobs(token_logprobs(trainer.policy, ids, positions, trainer.precision), mask)
+        seen.clear()
+        terms = trainer._pair_terms(trainer.policy, items)
+    hook.remove()
+    torch.testing.assert_close(terms.logps, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms.ref, expected, rtol=1e-5, atol=1e-5)  # the reference is the start
+    # The policy: the prompts of 5 pairs, then their 10 responses; or 10 whole rows.
+    assert seen == ([5, 10] if share else [10])
+
+
 # --------------------------------------------------------------------------------------
 # The command line and bad input
 # --------------------------------------------------------------------------------------
