@@ -457,3 +457,33 @@ def test_every_field_of_the_new_sections_has_a_docstring():
         docs = field_docs(cls)
         assert [f.name for f in fields(cls) if not docs.get(f.name)] == [], cls.__name__
     assert "critic" in field_docs(ModelConfig) and "lora" in field_docs(ModelConfig)
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_makes_the_update_of_one_process(tmp_path, tiny_policy_dir):
+    """`rlhf dpo` under `accelerate launch` (2 CPU processes, gloo), each with half of every
+    batch and the pairs' prompts shared (the prefix runs on the unwrapped module, one DDP
+    forward a backward): the final weights of one process on the whole batches."""
+    import sys
+
+    from test_distributed import _launch, _run
+
+    write_jsonl(tmp_path / "dpo.jsonl", preferences(24))
+    weights = {}
+    for name, batch, world in (("one", 4, 1), ("two", 2, 2)):
+        cfg = {"model": {"policy": str(tiny_policy_dir)},
+               "data": {"train": str(tmp_path / "dpo.jsonl"), "eval_fraction": 0.0, "max_length": 64,
+                        "max_prompt_tokens": 32},
+               "dpo": {"beta": 0.5},
+               "train": {"out_dir": str(tmp_path / name), "steps": 3, "batch_size": batch, "lr": 2e-3, "threads": 1,
+                         "progress": False, "report": False, "save_every": 0, "eval_every": 0}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        if world == 1:
+            _run([sys.executable, "-m", "rlhf", "dpo", str(tmp_path / f"{name}.yaml")], tmp_path)
+        else:
+            _launch(tmp_path, "-m", "rlhf", "dpo", str(tmp_path / f"{name}.yaml"))
+        weights[name] = load_file(str(tmp_path / name / "final" / "policy" / "model.safetensors"))
+    start = load_file(str(tiny_policy_dir / "model.safetensors"))
+    assert max((weights["one"][k] - start[k]).abs().max().item() for k in start) > 1e-4  # the steps moved
+    for k, w in weights["one"].items():
+        torch.testing.assert_close(weights["two"][k], w, rtol=0, atol=2e-6, msg=k)
