@@ -108,7 +108,8 @@ def as_rollout(rows: list[Tokens], pad_id: int, device) -> Rollout:
     """Examples laid out as a PPO rollout: the tokens before the first learned one as the
     prompt (left-padded), the rest as the response (right-padded), its mask the loss mask;
     the rows of one pair then share their prompt. An example with no learned token keeps its
-    last token as a masked response."""
+    last token as a masked response. A batch is as wide as its longest prompt plus its
+    longest response (at most data.max_prompt_tokens + data.max_length)."""
     from rlhf.data import left_pad
 
     cuts = [next((i for i, m in enumerate(t.loss_mask) if m), len(t.ids) - 1) for t in rows]
@@ -213,7 +214,8 @@ class DPOTrainer(OfflineTrainer):
 
     def _pair_terms(self, model, items: list[PreferencePair], ref: torch.Tensor | None = None) -> PairTerms:
         """The DPO terms of pairs, chosen sequences first, then rejected, in one forward of the
-        policy (and of the reference, unless its sequence log-probs `ref` are given)."""
+        policy (two calls of it when the pairs' prompts are shared) and of the reference,
+        unless its sequence log-probs `ref` are given."""
         rollout = as_rollout([p.chosen for p in items] + [p.rejected for p in items], self.tokenizer.pad_token_id,
                              self.engine.device)
         mask, average = rollout.response_mask, self.cfg.dpo.loss == "ipo"

@@ -10,10 +10,11 @@ evaluation every `eval_every` steps, atomic checkpoints, resume, and at the end
 The stage supplies the data (`load_items`), the loss of a micro-batch (`micro_batch`) and
 its held-out metrics (`evaluate`); the maths is in `rlhf.algos`.
 
-Sequences are laid out as rows of one or more examples, right-padded: every example's
+SFT lays sequences out as rows of one or more examples, right-padded: every example's
 position ids start at 0 and no attention mask is passed, so transformers builds a causal
 mask per example (its packed-sequence masks) and no token attends across an example's
-boundary; padding is a segment of its own after every real token.
+boundary; padding is a segment of its own after every real token. DPO lays each example out
+as a PPO rollout instead (`rlhf.dpo.as_rollout`).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def supports_shared_prefix(model: nn.Module) -> bool:
     plain forward."""
     from transformers import DynamicCache
 
-    base = _unwrapped(model)
+    base = unwrapped(model)
     config = getattr(base, "config", None)
     if config is None or getattr(base, "_is_stateful", False):
         return False
@@ -67,10 +67,18 @@ def supports_shared_prefix(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
+def unwrapped(model: nn.Module) -> nn.Module:
     """The transformers model inside a DDP wrapper and a peft wrapper."""
     model = getattr(model, "module", model)  # DDP
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (by name, or in its **kwargs)."""
+    import inspect
+
+    params = inspect.signature(type(unwrapped(model)).forward).parameters
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -78,7 +86,7 @@ def cache_keyword(model: nn.Module) -> str:
     transformers releases that renamed it, `past_key_values` before."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(type(_unwrapped(model)).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(unwrapped(model)).forward).parameters else "past_key_values"
 
 
 class SharedPrefixLayer(DynamicLayer):

@@ -16,7 +16,7 @@ from torch import nn
 
 from rlhf import algos, prefix
 from rlhf.config import RolloutConfig
-from rlhf.errors import NonFiniteError
+from rlhf.errors import NonFiniteError, UserInputError
 from rlhf.experience import Rollout
 from rlhf.precision import FP32, Precision, as_precision
 
@@ -201,6 +201,9 @@ def policy_forward(model, rollout: Rollout, temperature: float, precision: Preci
     S, R = ids.shape[1], rollout.response_ids.shape[1]
     shared = prefix.shared_prompts(rollout.prompt_ids, rollout.prompt_mask) if share_prefix else None
     with as_precision(precision).autocast(ids.device):
+        if not prefix.takes_logits_to_keep(model):
+            raise UserInputError(f"{type(prefix.unwrapped(model)).__name__}'s forward takes no logits_to_keep: rlhf "
+                                 "needs a causal LM whose forward takes it, as transformers' own models do")
         if shared is not None:
             out = prefix.forward(model, ids, mask, position_ids(mask), S - R, shared, prefix_model,
                                  output_hidden_states=with_hidden)
@@ -210,6 +213,11 @@ def policy_forward(model, rollout: Rollout, temperature: float, precision: Preci
                         logits_to_keep=torch.arange(S - R - 1, S - 1, device=ids.device),
                         output_hidden_states=with_hidden, use_cache=False)
     logits = out.logits
+    if logits.shape[1] != R:
+        raise UserInputError(
+            f"{type(prefix.unwrapped(model)).__name__} returned logits for {logits.shape[1]} positions where {R} "
+            "were asked (logits_to_keep): rlhf needs a causal LM whose forward takes logits_to_keep, as "
+            "transformers' own models do")
     if with_entropy:
         logprobs, entropy = algos.logprobs_and_entropy_from_logits(logits, rollout.response_ids, temperature,
                                                                    entropy_grad)

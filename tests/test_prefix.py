@@ -245,3 +245,29 @@ def test_generation_keeps_the_plain_prefill_for_sliding_window_models():
                    RolloutConfig(max_new_tokens=3, early_stop=False, packed_decoding=False, samples_per_prompt=4), 2, 0)
     hook.remove()
     assert seen[0] == (12, rollout.prompt_ids.shape[1]) and out.response_ids.shape == (12, 3)
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A remote-code style model: its forward names its arguments and has no logits_to_keep."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, output_hidden_states=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+class _IgnoresLogitsToKeep(_NoLogitsToKeep):
+    """One that swallows any keyword and returns logits for every position."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("wrapper", [_NoLogitsToKeep, _IgnoresLogitsToKeep])
+def test_a_model_without_logits_to_keep_is_one_clear_error(wrapper):
+    from rlhf.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=rf"{wrapper.__name__}.* logits_to_keep"):
+        policy_forward(wrapper(tiny_llama()), _group_rollout(), 1.0)

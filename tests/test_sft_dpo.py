@@ -459,6 +459,68 @@ def test_every_field_of_the_new_sections_has_a_docstring():
     assert "critic" in field_docs(ModelConfig) and "lora" in field_docs(ModelConfig)
 
 
+def _mixed_pairs():
+    """Pairs whose prompts differ in length (1 to 9 tokens, so left padding), a response cut
+    by max_length, and a ranking of three responses to one prompt expanded to its 3 pairs."""
+    from rlhf.dpo import PreferencePair
+    from rlhf.offline import prompt_and_response
+
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 60, (n,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for i, (p, c, r) in enumerate([(1, 4, 2), (9, 3, 5), (3, 20, 1), (5, 2, 2)]):
+        prompt = ids(p)
+        pairs.append(PreferencePair(prompt_and_response(prompt, ids(c), 16), prompt_and_response(prompt, ids(r), 16), i))
+    prompt, ranked = ids(4), [ids(n) for n in (3, 5, 2)]
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        pairs.append(PreferencePair(prompt_and_response(prompt, ranked[a]), prompt_and_response(prompt, ranked[b]), 9))
+    return pairs
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dpo_log_probs_of_mixed_prompts_are_those_of_whole_sequences(tmp_path, tiny_policy_dir, share, loss):
+    from rlhf import algos
+
+    trainer = DPOTrainer(dpo_config(tmp_path, tiny_policy_dir, dpo__share_prompt=share, dpo__loss=loss))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a policy away from its reference, so the two differ
+        for p in trainer.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    items = _mixed_pairs()
+    assert max(len(p.chosen.ids) for p in items) == 16  # the third pair's chosen response was cut
+    rows = [[p.chosen] for p in items] + [[p.rejected] for p in items]
+    ids, positions, mask = collate(rows, trainer.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        terms = trainer._pair_terms(trainer.policy, items)
+        for model, got in ((trainer.policy, terms.logps), (trainer.ref, terms.ref)):
+            expected = algos.sequence_logprobs(token_logprobs(model, ids, positions, trainer.precision), mask,
+                                               average=loss == "ipo")
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (terms.logps - terms.ref).abs().max() > 1e-3
+
+
+def test_the_rollout_layout_gives_whole_sequence_log_probs_on_absolute_positions():
+    """GPT-2 adds learned absolute position embeddings: a position off by one would show."""
+    import transformers
+
+    from rlhf import algos
+    from rlhf.dpo import as_rollout
+    from rlhf.rollout import policy_forward
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                                 n_positions=64)).double().eval()
+    items = _mixed_pairs()
+    rows = [p.chosen for p in items] + [p.rejected for p in items]
+    ids, positions, mask = collate([[r] for r in rows], 0, "cpu")
+    expected = algos.sequence_logprobs(token_logprobs(model, ids, positions, Precision()), mask)
+    rollout = as_rollout(rows, 0, "cpu")
+    for share in (False, True):
+        got = algos.sequence_logprobs(policy_forward(model, rollout, 1.0, share_prefix=share)[0], rollout.response_mask)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_dpo_on_two_processes_makes_the_update_of_one_process(tmp_path, tiny_policy_dir):
     """`rlhf dpo` under `accelerate launch` (2 CPU processes, gloo), each with half of every
