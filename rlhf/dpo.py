@@ -17,6 +17,7 @@ difference), `rewards/accuracy` (share of pairs ranked right), `logps/chosen`,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
@@ -28,7 +29,7 @@ from rlhf.config import ConfigError, PolicyConfig
 from rlhf.data import DataError, Prompt, tokenize_prompts
 from rlhf.experience import Rollout
 from rlhf.offline import OfflineTrainConfig, OfflineTrainer, Tokens, encode_response, prompt_and_response
-from rlhf.prefix import supports_shared_prefix
+from rlhf.prefix import forwards_share
 from rlhf.rollout import policy_forward
 from rlhf.reward_model import load_preferences, split_by_line
 
@@ -206,11 +207,12 @@ class DPOTrainer(OfflineTrainer):
         with policy.disable_adapter():
             return self._logprobs(policy, rollout, policy)
 
-    @property
+    @functools.cached_property
     def share_prompt(self) -> bool:
-        m = self.cfg.model
-        return (self.cfg.dpo.share_prompt and not m.gradient_checkpointing
-                and not getattr(self.engine, "shards_parameters", False) and supports_shared_prefix(self.unwrapped_policy()))
+        """dpo.share_prompt where the forwards can share (`rlhf.prefix.forwards_share`)."""
+        return self.cfg.dpo.share_prompt and forwards_share(self.unwrapped_policy(),
+                                                            bool(self.cfg.model.gradient_checkpointing),
+                                                            getattr(self.engine, "shards_parameters", False))
 
     def _pair_terms(self, model, items: list[PreferencePair], ref: torch.Tensor | None = None) -> PairTerms:
         """The DPO terms of pairs, chosen sequences first, then rejected, in one forward of the

@@ -12,6 +12,8 @@ in another order (differences of the order of 1e-5 in fp32 log-probs).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -73,20 +75,23 @@ def unwrapped(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> dict:
+    """The parameters of a model class's forward, read once per class (they are asked on
+    every forward)."""
+    return dict(inspect.signature(cls.forward).parameters)
+
+
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model's forward takes `logits_to_keep` (by name, or in its **kwargs)."""
-    import inspect
-
-    params = inspect.signature(type(unwrapped(model)).forward).parameters
+    params = _forward_parameters(type(unwrapped(model)))
     return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def cache_keyword(model: nn.Module) -> str:
     """The keyword under which the model's forward takes a KV cache: `cache` in the
     transformers releases that renamed it, `past_key_values` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(unwrapped(model)).forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(type(unwrapped(model))) else "past_key_values"
 
 
 class SharedPrefixLayer(DynamicLayer):
@@ -129,14 +134,20 @@ def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: 
                  **kwargs)
 
 
+def forwards_share(model: nn.Module, checkpointing: bool, sharded: bool) -> bool:
+    """Whether log-prob forwards with gradients can share prompts: no activation
+    checkpointing (transformers refuses a KV cache in checkpointed training), not under FSDP2
+    (`sharded`: its backward gathers a layer's weights when the gradient reaches the layer's
+    output, and the prompt's gradient enters through the cache, inside), and a model whose
+    cache allows it."""
+    return not checkpointing and not sharded and supports_shared_prefix(model)
+
+
 def shares_prefix(cfg, model: nn.Module, sharded: bool = False) -> bool:
-    """Whether a run's log-prob forwards share prompts: groups of samples, the option on, no
-    activation checkpointing (transformers refuses a KV cache in checkpointed training), not
-    under FSDP2 (`sharded`: its backward gathers a layer's weights when the gradient reaches
-    the layer's output, and the prompt's gradient enters through the cache, inside), and a
-    model whose cache allows it."""
-    return (cfg.rollout.share_prompt_prefix and cfg.rollout.samples_per_prompt > 1 and not sharded
-            and not cfg.model.gradient_checkpointing and supports_shared_prefix(model))
+    """Whether a PPO run's log-prob forwards share prompts: groups of samples, the option on,
+    and `forwards_share`."""
+    return (cfg.rollout.share_prompt_prefix and cfg.rollout.samples_per_prompt > 1
+            and forwards_share(model, bool(cfg.model.gradient_checkpointing), sharded))
 
 
 def shares_prefill(rollout_cfg, model: nn.Module) -> bool:

@@ -43,18 +43,23 @@ def demonstrations(n=48):
     return rows
 
 
+def _changed(cfg, changes: dict, data, rows):
+    """`cfg` with `section__key=value` changes, its data file written (`rows()`) if absent."""
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    if not data.exists():
+        write_jsonl(data, rows())
+    return cfg
+
+
 def sft_config(tmp_path, policy_dir, name="sft", **changes) -> SFTConfig:
     cfg = SFTConfig()
     cfg.model.policy = str(policy_dir)
     cfg.data.train, cfg.data.max_length, cfg.data.eval_fraction = str(tmp_path / "sft.jsonl"), 96, 0.2
     cfg.train.out_dir, cfg.train.lr, cfg.train.steps = str(tmp_path / name), 3e-3, 30
     cfg.train.batch_size, cfg.train.progress, cfg.train.report, cfg.train.threads = 4, False, False, 1
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        setattr(getattr(cfg, section), key, value)
-    if not (tmp_path / "sft.jsonl").exists():
-        write_jsonl(tmp_path / "sft.jsonl", demonstrations())
-    return cfg
+    return _changed(cfg, changes, tmp_path / "sft.jsonl", demonstrations)
 
 
 def preferences(n=40):
@@ -69,12 +74,7 @@ def dpo_config(tmp_path, policy_dir, name="dpo", **changes) -> DPOConfig:
     cfg.data.eval_fraction = 0.25
     cfg.train.out_dir, cfg.train.lr, cfg.train.steps = str(tmp_path / name), 2e-3, 15
     cfg.train.batch_size, cfg.train.progress, cfg.train.report, cfg.train.threads = 4, False, False, 1
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        setattr(getattr(cfg, section), key, value)
-    if not (tmp_path / "dpo.jsonl").exists():
-        write_jsonl(tmp_path / "dpo.jsonl", preferences())
-    return cfg
+    return _changed(cfg, changes, tmp_path / "dpo.jsonl", preferences)
 
 
 # --------------------------------------------------------------------------------------
