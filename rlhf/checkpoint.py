@@ -88,9 +88,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 # What resume may change ----------------------------------------------------------------
 
-RESUMABLE = ("train.", "eval.", "diagnostics.", "model.cache_dir", "reward.batch_size")
+RESUMABLE = ("train.", "eval.", "diagnostics.", "model.cache_dir", "reward.batch_size", "rollout.share_prompt_prefix")
 """Config fields (or sections) that take effect when a run resumes: how long it runs, how
-it logs, evaluates and checks itself. The rest is fixed by the checkpoint (models, the
+it logs, evaluates and checks itself, and switches of speed that keep the maths. The rest is fixed by the checkpoint (models, the
 optimiser's learning rates, the KL controller) or by the run's identity (data, seed)."""
 FIXED = ("train.seed", "train.out_dir")
 """Fields under RESUMABLE that are fixed all the same."""

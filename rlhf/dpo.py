@@ -28,7 +28,8 @@ from rlhf import algos
 from rlhf.config import ConfigError, PolicyConfig
 from rlhf.data import DataError, Prompt, tokenize_prompts
 from rlhf.experience import Rollout
-from rlhf.offline import OfflineTrainConfig, OfflineTrainer, Tokens, encode_response, prompt_and_response
+from rlhf.offline import (RESUMABLE, OfflineTrainConfig, OfflineTrainer, Tokens, collate, encode_response,
+                          prompt_and_response, token_logprobs)
 from rlhf.prefix import forwards_share
 from rlhf.rollout import policy_forward
 from rlhf.reward_model import load_preferences, split_by_line
@@ -67,8 +68,10 @@ class DPOLossConfig:
     share_prompt: bool = True
     """Compute a pair's prompt once for its chosen and its rejected response (`rlhf.prefix`),
     in the policy's and the reference's forwards. Same maths, the sums rounded in another
-    order. Not used under activation checkpointing and FSDP2, nor for models whose KV cache is
-    not transformers' plain dynamic cache on every layer."""
+    order. Used in a batch only where it computes fewer token positions than the sequences
+    right-padded (prompts of very unequal lengths may not), and not under activation
+    checkpointing, FSDP2, or for models whose KV cache is not transformers' plain dynamic
+    cache on every layer (or whose rotary scaling depends on the length)."""
 
 
 @dataclass
@@ -105,15 +108,33 @@ class DPOConfig:
         self.train.validate()
 
 
+class Sequences(NamedTuple):
+    """Examples right-padded: ids and positions (B, L), and the first position whose token is
+    learned in any row (the log-probs start there)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    first: int
+
+
+def _first_learned(t: Tokens) -> int:
+    """The position of an example's first learned token (its last token when none is)."""
+    return next((i for i, m in enumerate(t.loss_mask) if m), len(t.ids) - 1)
+
+
 def as_rollout(rows: list[Tokens], pad_id: int, device) -> Rollout:
     """Examples laid out as a PPO rollout: the tokens before the first learned one as the
     prompt (left-padded), the rest as the response (right-padded), its mask the loss mask;
     the rows of one pair then share their prompt. An example with no learned token keeps its
-    last token as a masked response. A batch is as wide as its longest prompt plus its
-    longest response (at most data.max_prompt_tokens + data.max_length)."""
+    last token as a masked response. The learned tokens of an example are one run (the
+    response attends to what its mask covers). A batch is as wide as its longest prompt plus
+    its longest response."""
     from rlhf.data import left_pad
 
-    cuts = [next((i for i, m in enumerate(t.loss_mask) if m), len(t.ids) - 1) for t in rows]
+    cuts = [_first_learned(t) for t in rows]
+    for t, c in zip(rows, cuts):
+        if 0 in t.loss_mask[c:] and 1 in t.loss_mask[t.loss_mask.index(0, c):]:
+            raise ValueError("as_rollout: an example's learned tokens must be one run, after its prompt")
     prompt_ids, prompt_mask = left_pad([t.ids[:c] for t, c in zip(rows, cuts)], pad_id)
     width = max(len(t.ids) - c for t, c in zip(rows, cuts))
     response = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -178,6 +199,7 @@ class DPOTrainer(OfflineTrainer):
 
     command = "dpo"
     config_cls = DPOConfig
+    resumable = RESUMABLE + ("dpo.share_prompt",)  # a switch of speed that keeps the maths
     needs_reference = True
 
     def __init__(self, cfg: DPOConfig, accelerator=None, **options):
@@ -194,18 +216,36 @@ class DPOTrainer(OfflineTrainer):
     def sequences(self, item) -> list[Tokens]:
         return [item.chosen, item.rejected]
 
-    def _logprobs(self, model, rollout: Rollout, prefix_model) -> torch.Tensor:
-        """Log-probs of the responses' tokens, (B, R); a pair's prompt computed once when shared."""
-        sharing = {"share_prefix": True, "prefix_model": prefix_model} if self.share_prompt else {}
-        return policy_forward(model, rollout, 1.0, self.precision, **sharing)[0]
+    def _logprobs(self, model, batch: "Rollout | Sequences", prefix_model) -> torch.Tensor:
+        """Log-probs of the learned tokens' positions of `batch` (`_layout`)."""
+        if isinstance(batch, Rollout):
+            return policy_forward(model, batch, 1.0, self.precision, share_prefix=True, prefix_model=prefix_model)[0]
+        return token_logprobs(model, batch.ids, batch.positions, self.precision, batch.first)
+
+    def _layout(self, rows: list[Tokens]) -> tuple["Rollout | Sequences", torch.Tensor]:
+        """(batch, loss mask of its log-probs): a rollout whose prompts are computed once per
+        distinct prompt (`as_rollout`) where sharing is on and that computes fewer positions;
+        else the sequences right-padded, the vocabulary projection from the first learned
+        token on (no batch is wider than its longest sequence)."""
+        pad, device = self.tokenizer.pad_token_id, self.engine.device
+        cuts = [_first_learned(t) for t in rows]
+        if self.share_prompt:
+            distinct = len({tuple(t.ids[:c]) for t, c in zip(rows, cuts)})
+            shared = distinct * (max(cuts) - 1) + len(rows) * (max(len(t.ids) - c for t, c in zip(rows, cuts)) + 1)
+            if shared < len(rows) * max(len(t.ids) for t in rows):
+                rollout = as_rollout(rows, pad, device)
+                return rollout, rollout.response_mask
+        ids, positions, mask = collate([[t] for t in rows], pad, device)
+        first = min(cuts)
+        return Sequences(ids, positions, first), mask[:, first - 1:]
 
     @torch.no_grad()
-    def _reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+    def _reference_logprobs(self, batch: "Rollout | Sequences") -> torch.Tensor:
         if self.ref is not None:
-            return self._logprobs(self.ref, rollout, self.ref)
+            return self._logprobs(self.ref, batch, self.ref)
         policy = self.unwrapped_policy()
         with policy.disable_adapter():
-            return self._logprobs(policy, rollout, policy)
+            return self._logprobs(policy, batch, policy)
 
     @functools.cached_property
     def share_prompt(self) -> bool:
@@ -218,12 +258,11 @@ class DPOTrainer(OfflineTrainer):
         """The DPO terms of pairs, chosen sequences first, then rejected, in one forward of the
         policy (two calls of it when the pairs' prompts are shared) and of the reference,
         unless its sequence log-probs `ref` are given."""
-        rollout = as_rollout([p.chosen for p in items] + [p.rejected for p in items], self.tokenizer.pad_token_id,
-                             self.engine.device)
-        mask, average = rollout.response_mask, self.cfg.dpo.loss == "ipo"
+        batch, mask = self._layout([p.chosen for p in items] + [p.rejected for p in items])
+        average = self.cfg.dpo.loss == "ipo"
         if ref is None:
-            ref = algos.sequence_logprobs(self._reference_logprobs(rollout), mask, average)
-        logps = algos.sequence_logprobs(self._logprobs(model, rollout, self.unwrapped_policy()), mask, average)
+            ref = algos.sequence_logprobs(self._reference_logprobs(batch), mask, average)
+        logps = algos.sequence_logprobs(self._logprobs(model, batch, self.unwrapped_policy()), mask, average)
         n = len(items)
         losses, chosen, rejected = algos.dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], self.cfg.dpo.beta,
                                                   self.cfg.dpo.loss)

@@ -37,6 +37,7 @@ from rlhf.errors import NonFiniteError, UserInputError
 from rlhf.models import load_tokenizer, resolve_model
 from rlhf.optim import lr_schedule, restore_schedule
 from rlhf.precision import Precision
+from rlhf.prefix import takes_logits_to_keep
 from rlhf.rundir import append_row, own_run_dir
 from rlhf.runloop import log_stopped, running, stop_agreed
 
@@ -154,11 +155,18 @@ def collate(rows: list[list[Tokens]], pad_id: int, device) -> tuple[torch.Tensor
     return ids.to(device), positions.to(device), mask[:, 1:].to(device)
 
 
-def token_logprobs(model, ids: torch.Tensor, positions: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """log pi(ids[:, t + 1] | ids[:, :t + 1]), (B, L - 1), fp32."""
+def token_logprobs(model, ids: torch.Tensor, positions: torch.Tensor, precision: Precision,
+                   first: int = 1) -> torch.Tensor:
+    """log pi(ids[:, t] | ids[:, :t]) for t = first .. L - 1, (B, L - first), fp32. With `first`
+    past 1, the positions before it skip the vocabulary projection (logits_to_keep)."""
+    L = ids.shape[1]
+    keep = ({"logits_to_keep": torch.arange(first - 1, L - 1, device=ids.device)}
+            if first > 1 and takes_logits_to_keep(model) else {})
     with precision.autocast(ids.device):
-        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-    return algos.logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False, **keep).logits
+    if logits.shape[1] == L:  # every position's logits (a forward that keeps them all)
+        logits = logits[:, first - 1:-1]
+    return algos.logprobs_from_logits(logits, ids[:, first:])
 
 
 @torch.no_grad()
@@ -215,6 +223,8 @@ class OfflineTrainer:
 
     command = "offline"
     config_cls: type = object
+    resumable = RESUMABLE
+    """What may change when a run of this command resumes."""
     needs_reference = False
     """True for a stage that compares the policy with its frozen starting point (DPO)."""
 
@@ -303,7 +313,7 @@ class OfflineTrainer:
         learning rate of the restored step is taken from the longer schedule), how it
         evaluates, logs and saves; others are refused by name. config.yaml is rewritten, and
         the logs cut back to the checkpoint's step, only once it has loaded."""
-        cfg = resume_config(run_dir, list(overrides or []), cls.config_cls, RESUMABLE, FIXED)
+        cfg = resume_config(run_dir, list(overrides or []), cls.config_cls, cls.resumable, FIXED)
         trainer = cls(cfg, accelerator, _resuming=True)
         restore_run(trainer, run_dir)
         return trainer

@@ -51,22 +51,37 @@ def shared_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Share
 
 def supports_shared_prefix(model: nn.Module) -> bool:
     """True for models whose KV cache is transformers' plain dynamic cache on every layer
-    (full attention); sliding-window, recurrent (Mamba, convolution) and other caches keep the
-    plain forward."""
+    (full attention), whose forward takes that cache, and whose rotary frequencies do not
+    depend on the sequence's length; sliding-window, recurrent (Mamba, convolution) and other
+    caches, and dynamic-NTK or LongRoPE scaling (the prompt's keys would be rotated for the
+    prompt's length, not the whole sequence's), keep the plain forward."""
     from transformers import DynamicCache
 
     base = unwrapped(model)
     config = getattr(base, "config", None)
     if config is None or getattr(base, "_is_stateful", False):
         return False
+    params = _forward_parameters(type(base))
+    if "cache" not in params and "past_key_values" not in params:
+        return False
     default_cache = getattr(type(base), "_supports_default_dynamic_cache", None)
     if default_cache is not None and not default_cache():
+        return False
+    if any("dynamic" in t or t == "longrope" for t in _rope_types(config)):
         return False
     try:
         cache = DynamicCache(config=config)
     except Exception:  # a config transformers cannot build a cache from
         return False
     return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _rope_types(config) -> set[str]:
+    """The rotary embedding types a config names (one per layer type where it has several)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    params = getattr(config, "rope_parameters", None) or {}
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    return {str(p.get("rope_type", p.get("type", "default"))) for p in nested or [params]}
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -104,10 +119,11 @@ class SharedPrefixLayer(DynamicLayer):
     def of(cls, layer: DynamicLayer, inverse: torch.Tensor) -> "SharedPrefixLayer":
         shared = cls.__new__(cls)
         shared.__dict__.update(layer.__dict__)  # keys, values and whatever else this version keeps
-        shared.inverse = inverse
+        shared.inverse, shared.reads = inverse, 0
         return shared
 
     def update(self, key_states, value_states, *args, **kwargs):
+        self.reads += 1
         return (torch.cat([self.keys.index_select(0, self.inverse), key_states], dim=-2),
                 torch.cat([self.values.index_select(0, self.inverse), value_states], dim=-2))
 
@@ -128,19 +144,34 @@ def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: 
     key = cache_keyword(prefix_model)
     prefix_model(input_ids=ids[rows, :P - 1], attention_mask=mask[rows, :P - 1],
                  position_ids=positions[rows, :P - 1], **{key: cache}, use_cache=True, logits_to_keep=1)
+    if not cache.layers or not all(layer.is_initialized and layer.get_seq_length() == P - 1 for layer in cache.layers):
+        raise _cache_ignored(prefix_model)
     cache.layers = [SharedPrefixLayer.of(layer, shared.inverse) for layer in cache.layers]
-    return model(input_ids=ids[:, P - 1:S - 1], attention_mask=mask[:, :S - 1], position_ids=positions[:, P - 1:S - 1],
-                 **{key: cache}, cache_position=torch.arange(P - 1, S - 1, device=ids.device), use_cache=True,
-                 **kwargs)
+    out = model(input_ids=ids[:, P - 1:S - 1], attention_mask=mask[:, :S - 1], position_ids=positions[:, P - 1:S - 1],
+                **{key: cache}, cache_position=torch.arange(P - 1, S - 1, device=ids.device), use_cache=True,
+                **kwargs)
+    if any(layer.reads != 1 for layer in cache.layers):
+        raise _cache_ignored(model)
+    return out
+
+
+def _cache_ignored(model: nn.Module):
+    from rlhf.errors import UserInputError
+
+    return UserInputError(
+        f"{type(unwrapped(model)).__name__} did not read the KV cache its forward was given, which sharing a prompt "
+        "between samples needs (is activation checkpointing on?): set rollout.share_prompt_prefix=false "
+        "(dpo.share_prompt=false for DPO)")
 
 
 def forwards_share(model: nn.Module, checkpointing: bool, sharded: bool) -> bool:
     """Whether log-prob forwards with gradients can share prompts: no activation
-    checkpointing (transformers refuses a KV cache in checkpointed training), not under FSDP2
-    (`sharded`: its backward gathers a layer's weights when the gradient reaches the layer's
-    output, and the prompt's gradient enters through the cache, inside), and a model whose
-    cache allows it."""
-    return not checkpointing and not sharded and supports_shared_prefix(model)
+    checkpointing, asked (`checkpointing`) or found on the model (transformers drops the KV
+    cache in checkpointed training), not under FSDP2 (`sharded`: its backward gathers a
+    layer's weights when the gradient reaches the layer's output, and the prompt's gradient
+    enters through the cache, inside), and a model whose cache allows it."""
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True for m in unwrapped(model).modules())
+    return not checkpointing and not checkpointed and not sharded and supports_shared_prefix(model)
 
 
 def shares_prefix(cfg, model: nn.Module, sharded: bool = False) -> bool:

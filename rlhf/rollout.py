@@ -13,6 +13,7 @@ from typing import Callable, ContextManager
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from rlhf import algos, prefix
 from rlhf.config import RolloutConfig
@@ -64,7 +65,6 @@ def _preallocated_cache(config, capacity: int):
     values keep their own dtypes: under bf16 autocast the rotary makes the keys fp32, which
     transformers' StaticCache cannot hold."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
         def lazy_initialization(self, key_states, value_states):
@@ -153,6 +153,11 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
         logits = model(input_ids=prompt_ids[rows], attention_mask=mask[rows, :P], position_ids=positions[rows, :P],
                        **cache_arg, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
+    # The loop below feeds one token a step: the prompt must be in every attention layer's cache.
+    if any(layer.get_seq_length() != P for layer in cache.layers if isinstance(layer, DynamicLayer)):
+        raise UserInputError(f"{type(prefix.unwrapped(model)).__name__} did not fill the KV cache its forward was "
+                             "given: rlhf's decoding loop needs a causal LM that takes and fills it, as transformers' "
+                             "own models do (or rollout.engine=vllm)")
     if shared is not None:  # one prefill per distinct prompt, copied to the samples that share it
         for layer in cache.layers:
             layer.select_rows(shared.inverse)

@@ -271,3 +271,76 @@ def test_a_model_without_logits_to_keep_is_one_clear_error(wrapper):
 
     with pytest.raises(UserInputError, match=rf"{wrapper.__name__}.* logits_to_keep"):
         policy_forward(wrapper(tiny_llama()), _group_rollout(), 1.0)
+
+
+class _DropsCache(torch.nn.Module):
+    """A model whose forward takes a KV cache and logits_to_keep but never passes the cache on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, cache_position=None,
+                use_cache=False, logits_to_keep=0, output_hidden_states=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states)
+
+
+@pytest.mark.parametrize("wrapper", [_DropsCache, _IgnoresLogitsToKeep])
+def test_a_shared_forward_through_a_model_that_ignores_the_cache_is_one_clear_error(wrapper):
+    """Without the cache the response would be scored without its prompt: never silently."""
+    from rlhf.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=rf"{wrapper.__name__} did not read the KV cache.*share_prompt_prefix"):
+        policy_forward(wrapper(tiny_llama()), _group_rollout(), 1.0, share_prefix=True)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_generation_with_a_model_that_ignores_the_cache_is_one_clear_error(samples):
+    from rlhf.errors import UserInputError
+
+    rollout = _group_rollout(group=3)
+    with pytest.raises(UserInputError, match=r"_DropsCache did not fill the KV cache"):
+        generate(_DropsCache(tiny_llama()), rollout.prompt_ids, rollout.prompt_mask,
+                 RolloutConfig(max_new_tokens=3, packed_decoding=False, samples_per_prompt=samples), 2, 0)
+
+
+def test_a_model_checkpointing_its_activations_keeps_the_plain_forward():
+    """transformers drops the KV cache in checkpointed training: the model's own state counts,
+    not only model.gradient_checkpointing in the config."""
+    from rlhf.errors import UserInputError
+    from rlhf.models import enable_activation_checkpointing
+
+    model = tiny_llama().train()
+    assert prefix.forwards_share(model, checkpointing=False, sharded=False)
+    enable_activation_checkpointing(model, True)
+    assert not prefix.forwards_share(model, checkpointing=False, sharded=False)
+    with pytest.raises(UserInputError, match="did not read the KV cache"):
+        policy_forward(model, _group_rollout(), 1.0, share_prefix=True)
+
+
+@pytest.mark.parametrize("rope, shares", [(None, True), ({"rope_type": "linear", "factor": 2.0}, True),
+                                          ({"rope_type": "dynamic", "factor": 2.0}, False),
+                                          ({"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                            "long_factor": [2.0] * 4, "original_max_position_embeddings": 8}, False)])
+def test_length_dependent_rotary_scaling_keeps_the_plain_forward(rope, shares):
+    """Dynamic NTK and LongRoPE choose their frequencies from the length of the call: the
+    prompt computed alone would be rotated for the prompt's length, not the sequence's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+                         **({"rope_parameters": {"rope_theta": 10000.0, **rope}} if rope else {}))
+    model = LlamaForCausalLM(config).double().eval()
+    assert prefix.supports_shared_prefix(model) is shares
+    if shares:  # a static scaling: the shared forward is the plain one
+        rollout = _group_rollout(response_width=5)
+        plain = policy_forward(model, rollout, 1.0)[0]
+        torch.testing.assert_close(policy_forward(model, rollout, 1.0, share_prefix=True)[0], plain,
+                                   rtol=0, atol=1e-10)
+
+
+def test_a_forward_that_takes_no_cache_keeps_the_plain_forward():
+    assert not prefix.supports_shared_prefix(_NoLogitsToKeep(tiny_llama()))
+    assert not prefix.supports_shared_prefix(_IgnoresLogitsToKeep(tiny_llama()))
+    assert prefix.supports_shared_prefix(_DropsCache(tiny_llama()))  # it names one: the forward's check catches it

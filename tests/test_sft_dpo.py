@@ -244,6 +244,17 @@ def test_sft_resume_refuses_what_the_checkpoint_fixes_and_extends_the_schedule(t
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 4
 
 
+def test_dpo_resume_may_turn_prompt_sharing_off_but_not_change_beta(tmp_path, tiny_policy_dir):
+    DPOTrainer(dpo_config(tmp_path, tiny_policy_dir, train__steps=1)).train()
+    run = tmp_path / "dpo"
+    with pytest.raises(CheckpointError, match=r"dpo\.beta cannot change when a run resumes"):
+        DPOTrainer.resume(run, ["dpo.beta=0.5", "train.steps=2"])
+    trainer = DPOTrainer.resume(run, ["dpo.share_prompt=false", "train.steps=2"])
+    assert not trainer.share_prompt
+    trainer.train()
+    assert [r["step"] for r in metrics(run) if "train/loss" in r] == [1, 2]
+
+
 def test_sft_cli_refuses_a_used_directory_unless_overwrite(tmp_path, tiny_policy_dir, capsys):
     write_jsonl(tmp_path / "sft.jsonl", demonstrations(16))
     args = [f"model.policy={tiny_policy_dir}", f"data.train={tmp_path / 'sft.jsonl'}", "data.max_length=64",
@@ -340,6 +351,9 @@ def test_dpo_pairs_are_laid_out_as_rollouts_with_the_prompt_before_the_first_lea
     assert r.prompt_mask.tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 1]]
     assert r.response_ids.tolist() == [[8, 2, 0], [9, 9, 2], [3, 0, 0]]
     assert r.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [0, 0, 0]]
+    # The response's attention mask is its loss mask: a gap in the learned tokens would hide tokens.
+    with pytest.raises(ValueError, match="one run"):
+        as_rollout([Tokens([5, 6, 7, 8], [0, 1, 0, 1])], pad_id=0, device="cpu")
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -479,16 +493,24 @@ def _mixed_pairs():
 
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_dpo_log_probs_of_mixed_prompts_are_those_of_whole_sequences(tmp_path, tiny_policy_dir, share, loss):
+@pytest.mark.parametrize("pairs", ["all", "last five"])
+def test_dpo_log_probs_of_mixed_prompts_are_those_of_whole_sequences(tmp_path, tiny_policy_dir, share, loss, pairs):
+    """All pairs: prompts of 1 to 9 tokens make the shared layout wider than the sequences
+    right-padded, so it is not used; the last five (prompts of 4 and 5 tokens, a ranking's
+    three pairs among them) share their prompts."""
     from rlhf import algos
+    from rlhf.experience import Rollout
 
     trainer = DPOTrainer(dpo_config(tmp_path, tiny_policy_dir, dpo__share_prompt=share, dpo__loss=loss))
     torch.manual_seed(1)
     with torch.no_grad():  # a policy away from its reference, so the two differ
         for p in trainer.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    items = _mixed_pairs()
-    assert max(len(p.chosen.ids) for p in items) == 16  # the third pair's chosen response was cut
+    items = _mixed_pairs() if pairs == "all" else _mixed_pairs()[3:]
+    if pairs == "all":
+        assert max(len(p.chosen.ids) for p in items) == 16  # the third pair's chosen response was cut
+    batch, _ = trainer._layout([p.chosen for p in items] + [p.rejected for p in items])
+    assert isinstance(batch, Rollout) is (share and pairs == "last five")
     rows = [[p.chosen] for p in items] + [[p.rejected] for p in items]
     ids, positions, mask = collate(rows, trainer.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -498,6 +520,37 @@ def test_dpo_log_probs_of_mixed_prompts_are_those_of_whole_sequences(tmp_path, t
                                                average=loss == "ipo")
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (terms.logps - terms.ref).abs().max() > 1e-3
+
+
+def test_unshared_dpo_batches_are_as_wide_as_their_longest_sequence_and_project_from_the_first_learned_token(
+        tmp_path, tiny_policy_dir):
+    """A long prompt with short responses beside a short prompt with long ones: the shared
+    layout would be as wide as both longest parts; the sequences right-padded are used, and
+    the vocabulary projection runs only from the first learned token on."""
+    from rlhf.dpo import PreferencePair
+    from rlhf.offline import prompt_and_response
+
+    trainer = DPOTrainer(dpo_config(tmp_path, tiny_policy_dir))
+    assert trainer.share_prompt
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 60, (n,), generator=g).tolist()  # noqa: E731
+    long_prompt, short_prompt = ids(30), ids(2)
+    items = [PreferencePair(prompt_and_response(long_prompt, ids(2)), prompt_and_response(long_prompt, ids(3)), 0),
+             PreferencePair(prompt_and_response(short_prompt, ids(25)), prompt_and_response(short_prompt, ids(20)), 1)]
+    rows = [p.chosen for p in items] + [p.rejected for p in items]
+    batch, mask = trainer._layout(rows)
+    assert batch.ids.shape[1] == max(len(t.ids) for t in rows) == 33
+    assert batch.first == 2 and mask.shape == (4, 31)
+    widths = []
+    hook = trainer.policy.lm_head.register_forward_hook(lambda m, args, out: widths.append(out.shape[1]))
+    with torch.no_grad():
+        got = trainer._logprobs(trainer.policy, batch, None)
+        ids_, positions, full_mask = collate([[t] for t in rows], trainer.tokenizer.pad_token_id, "cpu")
+        full = token_logprobs(trainer.policy, ids_, positions, trainer.precision)
+    hook.remove()
+    assert widths[0] == 31  # positions 1 .. 31 predict tokens 2 .. 32
+    torch.testing.assert_close(got, full[:, 1:], rtol=1e-6, atol=1e-6)
+    assert torch.equal(mask, full_mask[:, 1:])
 
 
 def test_the_rollout_layout_gives_whole_sequence_log_probs_on_absolute_positions():
