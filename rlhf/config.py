@@ -174,7 +174,8 @@ class RolloutConfig:
     log-prob forwards keep the plain forward under activation checkpointing and FSDP2; models
     whose KV cache is not transformers' plain dynamic cache on every layer (sliding-window,
     recurrent), or whose rotary scaling depends on the length (dynamic NTK, LongRoPE), keep
-    it everywhere. May change when a run resumes."""
+    it everywhere. With model.lora_dropout > 0 a group's samples share one dropout draw on
+    their prompt. May change when a run resumes."""
     engine: Literal["hf", "vllm"] = "hf"
     """What samples: `hf`, rlhf's own decoding loop on the policy (or, under FSDP2, on a
     gathered copy); `vllm`, an in-process vLLM engine loaded from the policy's directory, its
