@@ -46,8 +46,12 @@ def _train(trainer, command: str):
     finally:
         trainer.engine.end()  # destroys the process group under `accelerate launch`
     if trainer.stop_signal is not None:
-        print(f"rlhf {command}: stopped by {trainer.stop_signal} after step {trainer.step}, checkpoint saved; "
-              f"continue with: rlhf {command} --resume {trainer.out_dir}", file=sys.stderr)
+        if trainer.engine.is_main:  # once, not once per process
+            resume = f"rlhf {command} --resume {trainer.out_dir}"
+            if trainer.engine.world > 1:
+                resume = f"the same launch command with -m {resume}"
+            print(f"rlhf {command}: stopped by {trainer.stop_signal} after step {trainer.step}, checkpoint saved; "
+                  f"continue with: {resume}", file=sys.stderr)
         return STOPPED, result
     return 0, result
 

@@ -122,7 +122,8 @@ class RewardConfig:
     include_prompt: bool = True
     """The reward model sees the prompt followed by the response (false: the response alone)."""
     max_length: int = 512
-    """Longest reward-model input in its own tokens (longer inputs keep their start)."""
+    """Longest reward-model input in its own tokens: a longer one keeps its end (the
+    response), as `rlhf reward-model` trains."""
     batch_size: int = 32
     """Batch size of reward-model forwards."""
 

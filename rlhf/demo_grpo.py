@@ -263,7 +263,8 @@ def run_grpo_demo(out_dir: str | None = None, overrides: list[str] | None = None
     write_jsonl(run / "data" / "eval.jsonl", held_out)
     write_jsonl(run / "data" / "train.jsonl", train)
 
-    trainer = PPOTrainer(grpo_config(cfg, run / "data" / "train.jsonl", run / "grpo"))
+    # The demo runs again into the same directory: its GRPO run replaces the last one.
+    trainer = PPOTrainer(grpo_config(cfg, run / "data" / "train.jsonl", run / "grpo"), overwrite=True)
     before = evaluate(trainer, held_out, cfg.eval, "evaluate before", cfg.progress)
     trainer.train()
     after = evaluate(trainer, held_out, cfg.eval, "evaluate after", cfg.progress)

@@ -143,6 +143,7 @@ class Reward:
             self.path = resolve_model(cfg.model, cache_dir, field="reward.model")
             self.model = load_reward_model(self.path, trust_remote_code).eval().requires_grad_(False).to(self.device)
             self.tokenizer = load_tokenizer(self.path, padding_side="right", trust_remote_code=trust_remote_code)
+            self.tokenizer.truncation_side = "left"  # keep the end of the response, as in the model's training
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
             self.stats = read_reward_stats(self.path)
             # Same vocabulary: score the policy's own tokens, no decode and re-tokenise.

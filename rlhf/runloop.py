@@ -69,5 +69,8 @@ def stop_after_step_on_signal(trainer) -> dict:
 
 
 def log_stopped(trainer, command: str) -> None:
+    """Once, on the main process: every process stopped at the same step."""
+    if not trainer.engine.is_main:
+        return
     log.warning("stopped by %s after step %d; the checkpoint is saved: continue with `rlhf %s --resume %s`",
                 trainer.stop_signal, trainer.step, command, trainer.out_dir)

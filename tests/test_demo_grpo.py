@@ -43,10 +43,11 @@ def test_grpo_demo_end_to_end_on_a_tiny_model(tmp_path, tiny_policy_dir, capsys)
     from rlhf.cli import main
 
     run = tmp_path / "demo"
-    code = main(["demo", "grpo", f"train.policy={tiny_policy_dir}", "train.steps=2", "train.batch_size=2",
-                 "train.minibatch_size=8", "train_problems=12", "eval.num_problems=6", "eval.batch_size=4",
-                 "progress=false", "--out", str(run)])
-    assert code == 0
+    args = ["demo", "grpo", f"train.policy={tiny_policy_dir}", "train.steps=2", "train.batch_size=2",
+            "train.minibatch_size=8", "train_problems=12", "eval.num_problems=6", "eval.batch_size=4",
+            "progress=false", "--out", str(run)]
+    assert main([*args[:3], "train.steps=1", *args[4:]]) == 0
+    assert main(args) == 0  # the demo runs again into the same directory, replacing its last run
     summary = json.loads((run / "summary.json").read_text())
     samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
     assert summary["eval_problems"] == len(samples) == 6

@@ -10,10 +10,12 @@ sequences; each process's own sampler is checked apart: same prompt, different s
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -66,14 +68,20 @@ def _run(cmd: list[str], cwd: Path, check: bool = True, **env_vars: str) -> subp
     return result
 
 
-def _launch(cwd: Path, *args: str, launcher: str = "--multi_gpu", check: bool = True) -> subprocess.CompletedProcess:
+def _launch_command(*args: str, launcher: str = "--multi_gpu") -> list[str]:
     """`accelerate launch` of two CPU processes running `args` (a script or `-m module`, then its
     arguments). --multi_gpu is accelerate's torchrun launcher (its --cpu alone wants mpirun for
-    several processes); ACCELERATE_USE_CPU puts each process on the CPU with the gloo backend;
-    HF_HOME in `cwd` keeps any user accelerate config out."""
-    return _run([str(Path(sys.executable).parent / "accelerate"), "launch", launcher, "--num_processes", "2",
-                 "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-                 "--dynamo_backend", "no", *args], cwd, check, ACCELERATE_USE_CPU="true", HF_HOME=str(cwd / "hf"))
+    several processes)."""
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", launcher, "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *args]
+
+
+def _launch(cwd: Path, *args: str, launcher: str = "--multi_gpu", check: bool = True) -> subprocess.CompletedProcess:
+    """`_launch_command` run to its end: ACCELERATE_USE_CPU puts each process on the CPU with
+    the gloo backend; HF_HOME in `cwd` keeps any user accelerate config out."""
+    return _run(_launch_command(*args, launcher=launcher), cwd, check, ACCELERATE_USE_CPU="true",
+                HF_HOME=str(cwd / "hf"))
 
 
 @pytest.mark.slow
@@ -180,3 +188,67 @@ def test_fsdp_launch_on_cpus_ends_with_one_line(tmp_path, tiny_policy_dir, fsdp_
     assert "rlhf/ppo.py" not in result.stderr  # no traceback through our code
     if fsdp_args:
         assert "FSDP was asked for" in result.stderr and "train.distributed=fsdp2" in result.stderr
+
+
+def _kill_processes_running(path: Path) -> None:
+    """SIGKILL every process whose command line names `path` (the launcher starts its
+    processes in sessions of their own: killing the launcher leaves them running)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(path).encode() in cmdline.read_bytes():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # ended meanwhile
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_launcher_stops_every_process_after_a_step_with_a_checkpoint(tmp_path, tiny_policy_dir,
+                                                                                        signum):
+    """What a scheduler does to `accelerate launch`: the signal goes to the launcher, whose
+    torch elastic agent passes it on to the processes (SIGUSR1 only when named in
+    PET_SIGNALS_TO_HANDLE, torchrun's --signals_to_handle) and exits 128 + the signal's
+    number once they have ended. They finish the step, save one checkpoint and say once how to continue, which then
+    runs on to the end."""
+    _write_inputs(tmp_path)
+    (tmp_path / "slow_rewards.py").write_text(textwrap.dedent('''
+        import time
+
+        def share_of_a(prompts, responses):
+            time.sleep(1.0)  # a slow reward server: the signal arrives mid-step
+            return [r.count("a") / max(len(r), 1) for r in responses]
+        '''))
+    path = _config(tmp_path, tiny_policy_dir, 2, "run")
+    data = yaml.safe_load(path.read_text())
+    data["reward"]["function"] = "slow_rewards:share_of_a"
+    data["train"]["steps"] = 1000
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf"),
+           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    process = subprocess.Popen(_launch_command("-m", "rlhf", "ppo", str(path)), cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "run"
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the run logged no step")
+            time.sleep(0.1)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=240)
+    finally:  # whatever happened, no process of this run outlives the test
+        _kill_processes_running(path)
+        process.kill()
+        process.communicate()
+    assert process.returncode == 128 + signum, err[-3000:]
+    assert err.count(f"rlhf ppo: stopped by {signum.name} after step") == 1, err[-3000:]
+    assert f"the same launch command with -m rlhf ppo --resume {run}" in err and "Traceback" not in err
+
+    from rlhf.checkpoint import latest_checkpoint, verify
+
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert latest_checkpoint(run).name == f"step-{logged[-1]:06d}" and verify(latest_checkpoint(run)) is None
+    _launch(tmp_path, "-m", "rlhf", "ppo", "--resume", str(run), f"train.steps={logged[-1] + 1}")
+    resumed = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == list(range(1, logged[-1] + 2))

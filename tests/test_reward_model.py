@@ -215,3 +215,22 @@ def test_cli_trains_from_yaml_with_overrides_and_reports_bad_data(tmp_path, rm_c
     write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "a", "rejected": "b"}, {"chosen": "a"}])
     assert main(["reward-model", str(config), f"train_data={tmp_path / 'bad.jsonl'}"]) == 2
     assert "bad.jsonl line 2: missing field `rejected`" in capsys.readouterr().err
+
+
+def test_ppo_scores_a_text_longer_than_max_length_by_its_end_as_training_does(tiny_reward_dir, tiny_policy_dir):
+    """A reward model's input cut to reward.max_length keeps the response's end in PPO as in
+    `rlhf reward-model`, also for a reward model whose saved tokenizer cuts the end."""
+    from rlhf.config import RewardConfig
+    from rlhf.models import load_tokenizer
+    from rlhf.reward_model import load_backbone
+    from rlhf.rewards import Reward
+
+    reward = Reward(RewardConfig(model=str(tiny_reward_dir), max_length=8), load_tokenizer(str(tiny_policy_dir)))
+    assert reward.tokenizer.truncation_side == "left"
+    prompt, response = "say: ", "a b c d e f g h i j k l m n o p"
+    model, tokenizer = load_backbone(RewardModelConfig(backbone=str(tiny_reward_dir), max_length=8))
+    assert len(tokenizer(prompt + response)["input_ids"]) > 8
+    trained = score_texts(model, tokenizer, [prompt + response], max_length=8)[0]
+    assert reward.raw([prompt], [response]).item() == pytest.approx(trained, abs=1e-5)
+    tokenizer.truncation_side = "right"  # the start instead: another score, so the cut is seen
+    assert score_texts(model, tokenizer, [prompt + response], max_length=8)[0] != pytest.approx(trained, abs=1e-5)
