@@ -111,9 +111,33 @@ def resume_config(run_dir: Path, overrides: list[str], config_cls=None, resumabl
         raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
     saved = read_yaml(config_path)
     saved.setdefault("train", {})["out_dir"] = str(run_dir)  # the directory may have moved
+    _refuse_another_commands_run(run_dir, saved, config_cls)
     cfg = from_dict(config_cls, apply_overrides(copy.deepcopy(saved), overrides))
     refuse_fixed_changes(from_dict(config_cls, saved), cfg, resumable, fixed)
     return cfg
+
+
+def _refuse_another_commands_run(run_dir: Path, saved: dict, config_cls) -> None:
+    """A config.yaml that `config_cls` cannot read but another command's config can: name
+    that command (instead of the first key this one does not know)."""
+    from rlhf.config import Config, ConfigError, from_dict
+    from rlhf.dpo import DPOConfig
+    from rlhf.sft import SFTConfig
+
+    try:
+        from_dict(config_cls, saved)
+        return
+    except ConfigError:
+        pass
+    for command, other in (("ppo", Config), ("sft", SFTConfig), ("dpo", DPOConfig)):
+        if other is config_cls:
+            continue
+        try:
+            from_dict(other, saved)
+        except ConfigError:
+            continue
+        raise UserInputError(f"--resume {run_dir}: this is a run of `rlhf {command}`; continue it with "
+                             f"`rlhf {command} --resume {run_dir}`")
 
 
 def refuse_fixed_changes(saved, wanted, resumable: tuple = RESUMABLE, fixed: tuple = FIXED) -> None:
@@ -152,6 +176,10 @@ def restore_run(trainer, run_dir: Path) -> Path:
         truncate_logs(run_dir, trainer.step)
         save_config(trainer.cfg, run_dir / "config.yaml")
     log.info("resumed from %s at step %d", checkpoint, trainer.step)
+    total = getattr(trainer, "total_steps", None) or trainer.cfg.train.steps
+    if trainer.step >= total and trainer.engine.is_main:
+        log.warning("%s is already at step %d of %d: nothing to train (only the final save is written again); "
+                    "pass train.steps=N to train on", run_dir, trainer.step, total)
     return checkpoint
 
 

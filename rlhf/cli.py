@@ -180,7 +180,13 @@ def end_launched_process(code: int) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value settings after a flag (`CONFIG.yaml --overwrite train.steps=2`) are overrides too:
+    # argparse ends a command's positionals at its first flag.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # A config path that looks like an override belongs to the overrides.
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides = [args.config, *args.overrides]

@@ -28,6 +28,8 @@ class Prompt:
     metadata: dict = field(default_factory=dict)
     """The record's other fields (e.g. `answer`, the ground truth a checker compares with):
     what reward functions with a `metadata` keyword get for this prompt."""
+    where: str = ""
+    """Where the record is ("FILE line N"), for messages; empty for a plain-text prompt."""
 
 
 def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, str, dict]]:
@@ -44,9 +46,10 @@ def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, st
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))  # the line's own end is no part of its JSON
             except json.JSONDecodeError as e:
-                raise error_cls(f"{where}: not valid JSON ({e.msg}); expected JSONL, one JSON object a line") from None
+                raise error_cls(f"{where}: not valid JSON (column {e.colno}: {e.msg.removesuffix(' at')}); expected "
+                                "JSONL, one JSON object a line") from None
             if not isinstance(record, dict):
                 raise error_cls(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield lineno, where, record
@@ -54,6 +57,13 @@ def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, st
 
 ROLES = ("system", "user", "assistant", "tool")
 """The chat roles that chat templates know; another role would be rendered as written."""
+
+
+def check_roles(messages: list[dict], where: str) -> None:
+    """Each message's role is one of ROLES, else a DataError naming the message."""
+    for i, m in enumerate(messages):
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
+            raise DataError(f"{where}: messages[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
 
 
 def _prompt_from_record(record: dict, where: str, column: str = "prompt") -> Prompt:
@@ -64,14 +74,12 @@ def _prompt_from_record(record: dict, where: str, column: str = "prompt") -> Pro
             isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
         ):
             raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m["role"], str) or m["role"] not in ROLES:
-                raise DataError(f"{where}: messages[{i}].role: expected one of {', '.join(ROLES)}, got {m['role']!r}")
-        return Prompt(text="\n".join(m["content"] for m in messages), messages=messages, metadata=metadata)
+        check_roles(messages, where)
+        return Prompt(text="\n".join(m["content"] for m in messages), messages=messages, metadata=metadata, where=where)
     if column in record:
         if not isinstance(record[column], str) or not record[column].strip():
             raise DataError(f"{where}: `{column}` must be a non-empty string")
-        return Prompt(text=record[column], metadata=metadata)
+        return Prompt(text=record[column], metadata=metadata, where=where)
     fields = "a `prompt` or `messages` field" if column == "prompt" else f"a `{column}` field (data.prompt_column)"
     raise DataError(f"{where}: expected {fields}, found {sorted(record)}")
 
@@ -157,7 +165,7 @@ def tokenize_prompts(
         log.warning("no chat template in use (data.chat_template=%s, the tokenizer has %s): chat prompts are their "
                     "contents joined by newlines, without roles, and data.system_prompt is not used",
                     chat_template, "one" if getattr(tokenizer, "chat_template", None) else "none")
-    out, truncated = [], 0
+    out, truncated, longest = [], 0, 0
     for p in prompts:
         if use_template:
             messages = p.messages or [{"role": "user", "content": p.text}]
@@ -170,12 +178,13 @@ def tokenize_prompts(
         else:
             ids = tokenizer(p.text, add_special_tokens=True)["input_ids"]
         if len(ids) > max_tokens:
-            truncated += 1
+            truncated, longest = truncated + 1, max(longest, len(ids))
             ids = ids[-max_tokens:]
         out.append(ids)
     if truncated:
-        log.warning("%d of %d prompts were longer than data.max_prompt_tokens=%d and were truncated from the left",
-                    truncated, len(prompts), max_tokens)
+        with_template = " (counted with the chat template, whose start is cut too)" if use_template else ""
+        log.warning("%d of %d prompts were longer than data.max_prompt_tokens=%d%s and were truncated from the left; "
+                    "the longest had %d tokens", truncated, len(prompts), max_tokens, with_template, longest)
     return out
 
 

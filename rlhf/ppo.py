@@ -78,6 +78,7 @@ class PPOTrainer:
         self.kl_ctl = (algos.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.kl_target
                        else algos.FixedKLController(p.kl_coef))
         self.prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
+        self.reward.check_prompts(self.prompts)
         self.prompt_ids = self._tokenize(self.prompts)
         check_sequence_length(self.models.unwrapped_policy(), self.prompt_ids, cfg.rollout.max_new_tokens)
         self.stream = PromptStream(len(self.prompts), cfg.train.seed, self.engine.rank, self.engine.world)

@@ -139,8 +139,11 @@ class Run:
 def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise UserInputError(f"{run_dir}: no such directory; give a run directory (train.out_dir)")
     if not metrics_path.is_file():
-        raise UserInputError(f"{run_dir}: no metrics.jsonl here; give the run directory of `rlhf ppo` (train.out_dir)")
+        raise UserInputError(f"{run_dir}: no metrics.jsonl here; give the run directory of `rlhf ppo`, `sft` or `dpo` "
+                             "(train.out_dir) or of `rlhf reward-model` (out_dir)")
     rows, bad = _read_jsonl(metrics_path)
     # A resumed run re-logs the steps after its last checkpoint: keep the latest of each step.
     by_step: dict[int, dict] = {}

@@ -52,6 +52,19 @@ def accepts_metadata(fn: Callable) -> bool:
     return any(p.name == "metadata" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
 
 
+def _where(error: BaseException) -> str:
+    """ ' (FILE line N, in NAME)': the innermost frame of the error that is the user's code (not
+    the Python installation's, not rlhf's), else the innermost one."""
+    import sys
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)[1:]  # the first is the call here
+    installed = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, Path(__file__).parent})
+    own = [f for f in frames if not str(Path(f.filename).resolve()).startswith(installed)]
+    frame = (own or frames or [None])[-1]
+    return f" ({frame.filename} line {frame.lineno}, in {frame.name})" if frame else ""
+
+
 def call_text_function(fn: Callable, prompts: list[str], responses: list[str], field: str,
                        metadata: list[dict] | None = None) -> torch.Tensor:
     """Call a `(prompts, responses) -> list[float]` function and check what comes back; a
@@ -63,7 +76,7 @@ def call_text_function(fn: Callable, prompts: list[str], responses: list[str], f
     except UserInputError:
         raise
     except Exception as e:
-        raise RewardError(f"{field}: the function raised {type(e).__name__}: {e}") from e
+        raise RewardError(f"{field}: the function raised {type(e).__name__}: {e}{_where(e)}") from e
     values = real_numbers(out, field)
     if len(values) != len(responses):
         raise RewardError(f"{field}: returned {len(values)} scores for {len(responses)} responses")
@@ -160,6 +173,19 @@ class Reward:
         functions that take a `metadata` keyword get `metadata` (one dict per response).
         """
         return self.raw_and_components(prompts, responses, sequence_ids, sequence_mask, precision, metadata)[0]
+
+    def check_prompts(self, prompts: list) -> None:
+        """Refuse, before training, prompts whose records a reward function cannot score (a
+        function's `check_record(record) -> problem or None`, as `rlhf.verifiable`'s checker
+        has), naming the record's file and line."""
+        named = ([("reward.function", self.fn)] if self.fn is not None
+                 else [(f"reward.functions: {name}", fn) for name, fn, _ in self.functions])
+        for field, fn in named:
+            check = getattr(fn, "check_record", None)
+            for i, prompt in enumerate(prompts if check is not None else []):
+                problem = check(prompt.metadata)
+                if problem:
+                    raise RewardError(f"{prompt.where or f'prompt {i + 1}'}: {field}: {problem}")
 
     @torch.no_grad()
     def raw_and_components(self, prompts: list[str], responses: list[str], sequence_ids: torch.Tensor | None = None,

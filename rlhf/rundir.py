@@ -120,6 +120,10 @@ def claim_for_new_run(run_dir: Path, overwrite: bool, command: str = "ppo") -> N
     if not found:
         return
     if not overwrite:
+        if not any((run_dir / "checkpoints").glob("step-*")):  # e.g. a run that failed in its first steps
+            raise RunDirectoryError(
+                f"{run_dir} holds a run that saved no checkpoint ({', '.join(found)}): nothing to resume; replace it "
+                f"with `rlhf {command} --overwrite ...` or choose another train.out_dir")
         raise RunDirectoryError(
             f"{run_dir} already holds a run ({', '.join(found)}); continue it with `rlhf {command} --resume {run_dir}`, "
             f"choose another train.out_dir, or replace it with `rlhf {command} --overwrite ...`")

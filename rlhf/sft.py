@@ -27,7 +27,7 @@ import torch
 
 from rlhf import algos
 from rlhf.config import ConfigError, PolicyConfig
-from rlhf.data import DataError, Prompt, read_jsonl, tokenize_prompts
+from rlhf.data import DataError, Prompt, check_roles, read_jsonl, tokenize_prompts
 from rlhf.offline import (OfflineTrainConfig, OfflineTrainer, Tokens, check_packing, collate, encode_response,
                           prompt_and_response, token_logprobs)
 from rlhf.reward_model import split_by_line
@@ -132,6 +132,7 @@ def _check_messages(record: dict, where: str) -> list:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
         raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects with string values")
+    check_roles(messages, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: `messages` has no assistant turn to learn from")
     return messages

@@ -105,6 +105,18 @@ def final_number(prompts: list[str], responses: list[str], metadata: list[dict] 
     return [float(extract_final_number(r) == t) for r, t in zip(responses, truths)]
 
 
+def _check_answer(record: dict) -> str | None:
+    """What `final_number` cannot use in a prompt's record, or None."""
+    if "answer" not in record:
+        return f"the record has no `answer` field (fields: {sorted(record)})"
+    if normalize_number(record["answer"]) is None:
+        return f"`answer` {record['answer']!r} is not a number"
+    return None
+
+
+final_number.check_record = _check_answer  # checked for every prompt when a run starts (Reward.check_prompts)
+
+
 def format_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """1.0 when the whole response is its answer: a lone number, `Answer: N` or `\\boxed{N}`
     (surrounding spaces and a final full stop allowed), else 0.0."""

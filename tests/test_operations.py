@@ -243,6 +243,14 @@ def test_cli_refuses_a_used_directory_with_one_line(workdir, tiny_policy_dir, ca
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("rlhf ppo: error: ") and "already holds a run" in last and "Traceback" not in err
+    # Settings after a flag are overrides as well as before it.
+    assert main(["ppo", str(workdir / "c.yaml"), "--overwrite", "train.steps=1", "rollout.batch_size=2",
+                 "rollout.max_new_tokens=4", "train.progress=false", "train.report=false"]) == 0
+    assert steps_of(workdir / "run" / "metrics.jsonl") == [1]
+    assert main(["ppo", "--resume", str(workdir / "run"), "--overwrite", "train.steps=2"]) == 2
+    assert "takes overrides only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ppo", str(workdir / "c.yaml"), "--overwrite", "--bogus"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,6 +280,18 @@ def test_resume_refuses_overrides_it_cannot_honour_and_keeps_config_yaml(two_che
     assert trainer.step == 3
     saved = load_config(Config, run / "config.yaml")  # recorded once it took effect
     assert saved.train.steps == 3 and saved.rollout.share_prompt_prefix is False
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(two_checkpoints, caplog):
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        PPOTrainer.resume(two_checkpoints).train()  # the loop ends at once, releasing the run's lock
+    assert f"{two_checkpoints} is already at step 2 of 2: nothing to train" in caplog.text
+    assert "train.steps=N" in caplog.text
+    assert steps_of(two_checkpoints / "metrics.jsonl") == [1, 2]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        PPOTrainer.resume(two_checkpoints, ["train.steps=3"])
+    assert "nothing to train" not in caplog.text
 
 
 @pytest.mark.parametrize("damage", ["flip_weights", "truncate_random_states", "drop_file"])
@@ -725,3 +745,18 @@ def test_chat_prompts_without_a_chat_template_are_warned_about(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="rlhf"):
         tokenize_prompts(prompts, tokenizer, 64, chat_template=True, system_prompt="be brief")
     assert "chat prompts are their contents joined by newlines, without roles" in caplog.text
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_named_as_one_to_overwrite(workdir, tiny_policy_dir):
+    """Nothing to resume: the refusal says to replace it, not to `--resume` (which would fail)."""
+    (workdir / "broken_rewards.py").write_text("def crash(prompts, responses):\n    return 1 / 0\n")
+    from rlhf.rewards import RewardError
+
+    # The error names where in the user's code it arose.
+    with pytest.raises(RewardError, match=r"raised ZeroDivisionError: division by zero \(.*broken_rewards\.py line 2, "
+                                          r"in crash\)"):
+        PPOTrainer(small(workdir, tiny_policy_dir, reward__function="broken_rewards:crash")).train()
+    with pytest.raises(RunDirectoryError, match=r"holds a run that saved no checkpoint \(config.yaml\): nothing to "
+                                                r"resume; replace it with `rlhf ppo --overwrite"):
+        PPOTrainer(small(workdir, tiny_policy_dir))
+    PPOTrainer(small(workdir, tiny_policy_dir), overwrite=True).train()

@@ -324,7 +324,11 @@ def test_prompt_formats_and_left_truncation(tmp_path, tiny_policy_dir, caplog):
     with caplog.at_level("WARNING"):
         cut = tokenize_prompts(long, tok, max_tokens=2, chat_template=False)
     assert all(tok.decode(c) == "bc" for c in cut)  # the end of a prompt is kept
-    assert "3 of 3 prompts" in caplog.text
+    assert "3 of 3 prompts" in caplog.text and "the longest had 3 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tokenize_prompts(prompts, tok, max_tokens=2, chat_template=True)
+    assert "2 of 2 prompts" in caplog.text and "counted with the chat template" in caplog.text
 
 
 def test_evaluation_renders_chat_prompts_as_training_does(workdir, tiny_policy_dir):

@@ -161,6 +161,8 @@ def test_report_cli_and_missing_metrics(tmp_path, capsys):
         write_report(tmp_path)
     assert main(["report", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no such directory" in capsys.readouterr().err
 
 
 def test_report_minimal_run_dir(tmp_path):

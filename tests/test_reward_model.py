@@ -87,6 +87,7 @@ def test_split_keeps_the_pairs_of_one_ranking_together(tmp_path):
     ({"chosen": "a", "rejected": "b", "margin": "big"}, "`margin` must be a number"),
     ("[1, 2]", "expected a JSON object"),
     ("chosen,rejected", "not valid JSON"),
+    ('{"chosen": "an unterminated string}', "not valid JSON (column 12: Unterminated string starting)"),
 ])
 def test_bad_lines_are_reported_with_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "prefs.jsonl", [{"chosen": "fine", "rejected": "worse"}, line])

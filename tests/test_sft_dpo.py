@@ -267,6 +267,9 @@ def test_sft_cli_refuses_a_used_directory_unless_overwrite(tmp_path, tiny_policy
     assert code == 2 and err.startswith("rlhf sft: error: ")
     assert "already holds a run" in err and f"rlhf sft --resume {tmp_path / 's'}" in err and "rlhf sft --overwrite" in err
     assert main(["sft", "--overwrite", *args, "train.steps=1"]) == 0
+    for command in ("dpo", "ppo"):  # another command's --resume names the run's own
+        code, err = run_cli(capsys, command, "--resume", str(tmp_path / "s"))
+        assert code == 2 and f"this is a run of `rlhf sft`; continue it with `rlhf sft --resume {tmp_path / 's'}`" in err
     assert [r["step"] for r in metrics(tmp_path / "s") if r["step"] > 0] == [1]
     assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
 
@@ -419,6 +422,9 @@ BAD_SFT = [
      "line 2: `messages` has no assistant turn"),
     ([{"prompt": "p" * 80, "completion": "x"}], "line 1: data.max_length=64 cuts every learned token"),
     (["{not json"], "line 1: not valid JSON"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"},
+                    {"role": "assistant", "content": "y"}]}],
+     "line 1: messages[1].role: expected one of system, user, assistant, tool, got 'bot'"),
 ]
 
 

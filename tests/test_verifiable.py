@@ -189,3 +189,19 @@ def test_a_run_with_verifiable_rewards_logs_each_function(workdir, tiny_policy_d
     wanted = [c + 0.5 * f + 0.25 * a for c, f, a in zip(checked, format_reward([], result["responses"]), answers)]
     assert result["scores"] == pytest.approx(wanted)
     assert torch.isfinite(torch.tensor(result["scores"])).all()
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"prompt": "What is 3 + 3?"}, r"the record has no `answer` field \(fields: \[\]\)"),
+    ({"prompt": "What is 3 + 3?", "answer": "six"}, r"`answer` 'six' is not a number"),
+])
+def test_a_prompt_the_checker_cannot_score_is_named_by_line_before_training(workdir, tiny_policy_dir, record,
+                                                                             problem):
+    from rlhf.ppo import PPOTrainer
+
+    rows = [{"prompt": f"What is {a} + {a}?", "answer": 2 * a} for a in (1, 2)] + [record]
+    (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _tiny_config(workdir, tiny_policy_dir, ["rlhf.verifiable:format_reward", "rlhf.verifiable:final_number"],
+                       [1.0, 1.0])
+    with pytest.raises(RewardError, match=rf"prompts\.jsonl line 3: reward\.functions: final_number: {problem}"):
+        PPOTrainer(cfg)
