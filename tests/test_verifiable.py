@@ -205,3 +205,9 @@ def test_a_prompt_the_checker_cannot_score_is_named_by_line_before_training(work
                        [1.0, 1.0])
     with pytest.raises(RewardError, match=rf"prompts\.jsonl line 3: reward\.functions: final_number: {problem}"):
         PPOTrainer(cfg)
+    # Held-out prompts are scored with the reward too: checked as well.
+    (workdir / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    cfg.eval.prompts = str(workdir / "held.jsonl")
+    with pytest.raises(RewardError, match=rf"held\.jsonl line 3: reward\.functions: final_number: {problem}"):
+        PPOTrainer(cfg)
