@@ -22,7 +22,7 @@ import yaml
 
 from rlhf.diagnostics import DiagnosticsConfig
 from rlhf.errors import ConfigError, UserInputError
-from rlhf.tracking import TRACKERS
+from rlhf.tracking import check_tracker_names
 
 __all__ = ["Config", "PolicyConfig", "ConfigError", "UserInputError", "load_config", "from_dict", "apply_overrides",
            "save_config", "read_yaml"]
@@ -433,9 +433,7 @@ class Config:
         if mb % micro:
             raise ConfigError(f"ppo.micro_batch_size: {micro} must divide ppo.minibatch_size {mb}")
         cfg.diagnostics.validate()
-        unknown = [name for name in cfg.train.report_to if name not in TRACKERS]
-        if unknown:
-            raise ConfigError(f"train.report_to: expected names among {', '.join(TRACKERS)}, got {unknown[0]!r}")
+        check_tracker_names(cfg.train.report_to)
         cfg.ppo.resolve_preset()
         for field_name, registry in (("policy_loss", algos.POLICY_LOSSES), ("advantage", algos.ADVANTAGE_ESTIMATORS)):
             if getattr(cfg.ppo, field_name) not in registry:

@@ -20,7 +20,7 @@ as a PPO rollout instead (`rlhf.dpo.as_rollout`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
@@ -30,7 +30,7 @@ from rlhf import algos
 from rlhf.actor_critic import load_policy_and_reference, load_trainable_policy
 from rlhf.backend import make_backend
 from rlhf.checkpoint import restore_run, resume_config, save_checkpoint, save_policy
-from rlhf.config import ConfigError, save_config
+from rlhf.config import ConfigError, save_config, to_dict
 from rlhf.data import PromptStream
 from rlhf.engine import AccelerateEngine
 from rlhf.errors import NonFiniteError, UserInputError
@@ -40,6 +40,7 @@ from rlhf.precision import Precision
 from rlhf.prefix import takes_logits_to_keep
 from rlhf.rundir import append_row, own_run_dir
 from rlhf.runloop import log_stopped, running, stop_agreed
+from rlhf.tracking import Trackers, check_tracker_names
 
 
 @dataclass
@@ -92,8 +93,14 @@ class OfflineTrainConfig:
     """Write report.html at the end of training."""
     progress: bool = True
     """Show a progress bar."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get the config and every metrics row (same names, same
+    steps): any of tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive,
+    swanlab (Accelerate's trackers; each needs its package). None by default. TensorBoard
+    writes under out_dir/tracking."""
 
     def validate(self) -> None:
+        check_tracker_names(self.report_to)
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: expected a positive integer, got {getattr(self, name)}")
@@ -225,6 +232,8 @@ class OfflineTrainer:
     config_cls: type = object
     resumable = RESUMABLE
     """What may change when a run of this command resumes."""
+    trackers: Trackers | None = None
+    """train.report_to's trackers while `train()` runs (main process)."""
     needs_reference = False
     """True for a stage that compares the policy with its frozen starting point (DPO)."""
 
@@ -365,6 +374,8 @@ class OfflineTrainer:
         row: dict = {}
         try:
             with running(self):
+                if t.report_to and self.engine.is_main:
+                    self.trackers = Trackers(t.report_to, self.out_dir, to_dict(self.cfg), self.step)
                 if self.step == 0 and self.eval_items:
                     self._write({"step": 0, **self.evaluate()})
                 while self.step < self.total_steps and not stop_agreed(self):
@@ -389,11 +400,17 @@ class OfflineTrainer:
                         write_report(self.out_dir)
         finally:
             bar.close()
+            if self.trackers is not None:
+                self.trackers.finish()
+                self.trackers = None
         return row
 
     def _write(self, row: dict) -> None:
+        """A row of metrics.jsonl, and of the trackers."""
         if self.engine.is_main:
             append_row(self.out_dir / "metrics.jsonl", row)
+            if self.trackers is not None:
+                self.trackers.log(row)
 
     def save_checkpoint(self) -> Path:
         """Atomic: written into a temporary directory, renamed when complete."""

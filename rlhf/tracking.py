@@ -13,6 +13,13 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "cle
 PACKAGES = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}
 
 
+def check_tracker_names(names: list[str]) -> None:
+    """`train.report_to` names only trackers of TRACKERS."""
+    unknown = [name for name in names if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"train.report_to: expected names among {', '.join(TRACKERS)}, got {unknown[0]!r}")
+
+
 def _flat(tree: dict) -> dict:
     """A nested config as `section.key` -> bool, int, float or str (what every tracker takes)."""
     from rlhf.config import flat_keys  # config imports this module's TRACKERS

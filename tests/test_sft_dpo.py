@@ -3,6 +3,7 @@ packing changes no number, both stages learn, resume repeats a straight run, the
 a policy for `rlhf ppo`, and bad input gets one line naming the file and line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -608,3 +609,33 @@ def test_dpo_on_two_processes_makes_the_update_of_one_process(tmp_path, tiny_pol
     assert max((weights["one"][k] - start[k]).abs().max().item() for k in start) > 1e-4  # the steps moved
     for k, w in weights["one"].items():
         torch.testing.assert_close(weights["two"][k], w, rtol=0, atol=2e-6, msg=k)
+
+
+def test_sft_and_dpo_send_their_metrics_rows_to_tensorboard(tmp_path, tiny_policy_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(run):
+        acc = EventAccumulator(str(next((run / "tracking").rglob("events.out.tfevents.*")).parent))
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    for trainer in (SFTTrainer(sft_config(tmp_path, tiny_policy_dir, "s", train__steps=2,
+                                          train__report_to=["tensorboard"])),
+                    DPOTrainer(dpo_config(tmp_path, tiny_policy_dir, "d", train__steps=2,
+                                          train__report_to=["tensorboard"]))):
+        trainer.train()
+        run = Path(trainer.out_dir)
+        logged = scalars(run)
+        for row in metrics(run):
+            for key, value in row.items():
+                if key != "step" and isinstance(value, float):
+                    assert (row["step"], pytest.approx(value, rel=1e-6, abs=1e-7)) in logged[key], key
+        assert [s for s, _ in logged["train/loss"]] == [1, 2]
+
+
+def test_an_unknown_tracker_is_refused_for_sft():
+    from rlhf.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train\.report_to: expected names among tensorboard.*got 'tensorbored'"):
+        load_config(SFTConfig, None, ["data.train=x.jsonl", "train.report_to=[tensorbored]"])
