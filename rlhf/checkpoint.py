@@ -178,8 +178,8 @@ def restore_run(trainer, run_dir: Path) -> Path:
     log.info("resumed from %s at step %d", checkpoint, trainer.step)
     total = getattr(trainer, "total_steps", None) or trainer.cfg.train.steps
     if trainer.step >= total and trainer.engine.is_main:
-        log.warning("%s is already at step %d of %d: nothing to train (only the final save is written again); "
-                    "pass train.steps=N to train on", run_dir, trainer.step, total)
+        log.warning("%s is already at step %d of %d: nothing to train (its last checkpoint, final save and report "
+                    "are written again); pass train.steps=N to train on", run_dir, trainer.step, total)
     return checkpoint
 
 

@@ -123,7 +123,8 @@ class RewardConfig:
     """The reward model sees the prompt followed by the response (false: the response alone)."""
     max_length: int = 512
     """Longest reward-model input in its own tokens: a longer one keeps its end (the
-    response), as `rlhf reward-model` trains."""
+    response), as `rlhf reward-model` trains. A reward model with the policy's tokenizer
+    reads the policy's tokens as they are (prompt and response within their own limits)."""
     batch_size: int = 32
     """Batch size of reward-model forwards."""
 

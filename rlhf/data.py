@@ -55,7 +55,7 @@ def read_jsonl(path: Path, error_cls: type[Exception]) -> Iterator[tuple[int, st
             yield lineno, where, record
 
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 """The chat roles that chat templates know; another role would be rendered as written."""
 
 

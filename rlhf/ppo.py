@@ -87,8 +87,8 @@ class PPOTrainer:
         self.judge = import_function(cfg.eval.judge, "eval.judge") if cfg.eval.judge else None
         self.eval_prompts = (load_prompts(cfg.eval.prompts, cfg.data.prompt_column) if cfg.eval.prompts
                              else self.prompts)
-        if self.eval_prompts is not self.prompts:  # the evaluation scores them with the reward too
-            self.reward.check_prompts(self.eval_prompts)
+        if self.judge is not None and cfg.eval.every and self.eval_prompts is not self.prompts:
+            self.reward.check_prompts(self.eval_prompts[:cfg.eval.num_prompts])  # the evaluation scores these too
         self.monitor = HealthMonitor(cfg.diagnostics, kl_target=p.kl_target, max_new_tokens=cfg.rollout.max_new_tokens,
                                      critic_free=not algos.advantage_estimator(p.advantage).needs_critic)
         self.step = 0

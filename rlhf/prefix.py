@@ -79,7 +79,8 @@ def supports_shared_prefix(model: nn.Module) -> bool:
 def _rope_types(config) -> set[str]:
     """The rotary embedding types a config names (one per layer type where it has several)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    params = getattr(config, "rope_parameters", None) or {}
+    # transformers 5 keeps them in rope_parameters, 4.x in rope_scaling.
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     nested = [v for v in params.values() if isinstance(v, dict)]
     return {str(p.get("rope_type", p.get("type", "default"))) for p in nested or [params]}
 

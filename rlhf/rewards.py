@@ -59,8 +59,8 @@ def _where(error: BaseException) -> str:
     import traceback
 
     frames = traceback.extract_tb(error.__traceback__)[1:]  # the first is the call here
-    installed = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, Path(__file__).parent})
-    own = [f for f in frames if not str(Path(f.filename).resolve()).startswith(installed)]
+    installed = [Path(p).resolve() for p in {sys.prefix, sys.base_prefix, Path(__file__).parent}]
+    own = [f for f in frames if not any(Path(f.filename).resolve().is_relative_to(p) for p in installed)]
     frame = (own or frames or [None])[-1]
     return f" ({frame.filename} line {frame.lineno}, in {frame.name})" if frame else ""
 

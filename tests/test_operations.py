@@ -484,8 +484,8 @@ def test_prompts_that_are_not_utf8_or_have_unknown_roles(tmp_path):
     for role, shown in (("wizard", "'wizard'"), (3, "3")):
         (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                    {"role": role, "content": "x"}]}) + "\n")
-        with pytest.raises(DataError, match=rf"c\.jsonl line 1: messages\[1\]\.role: expected one of system, user, "
-                                            rf"assistant, tool, got {shown}"):
+        with pytest.raises(DataError, match=rf"c\.jsonl line 1: messages\[1\]\.role: expected one of system, "
+                                            rf"developer, user, assistant, tool, ipython, got {shown}"):
             load_prompts(tmp_path / "c.jsonl")
 
 

@@ -344,3 +344,14 @@ def test_a_forward_that_takes_no_cache_keeps_the_plain_forward():
     assert not prefix.supports_shared_prefix(_NoLogitsToKeep(tiny_llama()))
     assert not prefix.supports_shared_prefix(_IgnoresLogitsToKeep(tiny_llama()))
     assert prefix.supports_shared_prefix(_DropsCache(tiny_llama()))  # it names one: the forward's check catches it
+
+
+def test_rotary_types_are_read_where_either_transformers_major_keeps_them():
+    from types import SimpleNamespace
+
+    assert prefix._rope_types(SimpleNamespace(rope_scaling={"type": "dynamic", "factor": 2.0})) == {"dynamic"}  # 4.x
+    assert prefix._rope_types(SimpleNamespace(rope_parameters={"rope_type": "longrope"})) == {"longrope"}
+    assert prefix._rope_types(SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "default"},
+                                                               "sliding_attention": {"rope_type": "linear"}})) == {
+        "default", "linear"}
+    assert prefix._rope_types(SimpleNamespace()) == {"default"}

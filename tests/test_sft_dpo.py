@@ -425,7 +425,7 @@ BAD_SFT = [
     (["{not json"], "line 1: not valid JSON"),
     ([{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"},
                     {"role": "assistant", "content": "y"}]}],
-     "line 1: messages[1].role: expected one of system, user, assistant, tool, got 'bot'"),
+     "line 1: messages[1].role: expected one of system, developer, user, assistant, tool, ipython, got 'bot'"),
 ]
 
 

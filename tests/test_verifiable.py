@@ -205,9 +205,15 @@ def test_a_prompt_the_checker_cannot_score_is_named_by_line_before_training(work
                        [1.0, 1.0])
     with pytest.raises(RewardError, match=rf"prompts\.jsonl line 3: reward\.functions: final_number: {problem}"):
         PPOTrainer(cfg)
-    # Held-out prompts are scored with the reward too: checked as well.
+    # Held-out prompts that the evaluation scores with the reward (a judge, every N steps, the
+    # first eval.num_prompts) are checked as well; with no evaluation they are never scored.
     (workdir / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    cfg.eval.prompts = str(workdir / "held.jsonl")
+    cfg.eval.prompts, cfg.eval.judge, cfg.eval.every, cfg.eval.num_prompts = (str(workdir / "held.jsonl"),
+                                                                              "vr_rewards:wants_metadata", 1, 3)
     with pytest.raises(RewardError, match=rf"held\.jsonl line 3: reward\.functions: final_number: {problem}"):
         PPOTrainer(cfg)
+    cfg.eval.num_prompts = 2
+    PPOTrainer(cfg)
+    cfg.eval.num_prompts, cfg.eval.every, cfg.train.out_dir = 3, 0, str(workdir / "run2")
+    PPOTrainer(cfg)
