@@ -103,7 +103,7 @@ def resume_config(run_dir: Path, overrides: list[str], config_cls=None, resumabl
     effect: only fields under `resumable`, but not those in `fixed`, may change."""
     import copy
 
-    from rlhf.config import Config, apply_overrides, from_dict, read_yaml
+    from rlhf.config import Config, ConfigError, apply_overrides, from_dict, read_yaml
 
     config_cls = config_cls or Config
     config_path = Path(run_dir) / "config.yaml"
@@ -111,24 +111,22 @@ def resume_config(run_dir: Path, overrides: list[str], config_cls=None, resumabl
         raise UserInputError(f"--resume {run_dir}: no config.yaml there; is it a run directory?")
     saved = read_yaml(config_path)
     saved.setdefault("train", {})["out_dir"] = str(run_dir)  # the directory may have moved
-    _refuse_another_commands_run(run_dir, saved, config_cls)
-    cfg = from_dict(config_cls, apply_overrides(copy.deepcopy(saved), overrides))
+    try:
+        cfg = from_dict(config_cls, apply_overrides(copy.deepcopy(saved), overrides))
+    except ConfigError:
+        _refuse_another_commands_run(run_dir, saved, config_cls)
+        raise
     refuse_fixed_changes(from_dict(config_cls, saved), cfg, resumable, fixed)
     return cfg
 
 
 def _refuse_another_commands_run(run_dir: Path, saved: dict, config_cls) -> None:
-    """A config.yaml that `config_cls` cannot read but another command's config can: name
+    """Where `config_cls` could not read a run's config: if another command's config can, name
     that command (instead of the first key this one does not know)."""
     from rlhf.config import Config, ConfigError, from_dict
     from rlhf.dpo import DPOConfig
     from rlhf.sft import SFTConfig
 
-    try:
-        from_dict(config_cls, saved)
-        return
-    except ConfigError:
-        pass
     for command, other in (("ppo", Config), ("sft", SFTConfig), ("dpo", DPOConfig)):
         if other is config_cls:
             continue

@@ -145,7 +145,7 @@ def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: 
     key = cache_keyword(prefix_model)
     prefix_model(input_ids=ids[rows, :P - 1], attention_mask=mask[rows, :P - 1],
                  position_ids=positions[rows, :P - 1], **{key: cache}, use_cache=True, logits_to_keep=1)
-    if not cache.layers or not all(layer.is_initialized and layer.get_seq_length() == P - 1 for layer in cache.layers):
+    if not cache_holds(cache, P - 1):
         raise _cache_ignored(prefix_model)
     cache.layers = [SharedPrefixLayer.of(layer, shared.inverse) for layer in cache.layers]
     out = model(input_ids=ids[:, P - 1:S - 1], attention_mask=mask[:, :S - 1], position_ids=positions[:, P - 1:S - 1],
@@ -154,6 +154,12 @@ def forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: 
     if any(layer.reads != 1 for layer in cache.layers):
         raise _cache_ignored(model)
     return out
+
+
+def cache_holds(cache, length: int) -> bool:
+    """Whether every attention layer of `cache` holds `length` positions: a model that ignores
+    the cache its forward is given leaves them empty."""
+    return all(layer.get_seq_length() == length for layer in cache.layers if isinstance(layer, DynamicLayer))
 
 
 def _cache_ignored(model: nn.Module):

@@ -153,8 +153,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Ro
         logits = model(input_ids=prompt_ids[rows], attention_mask=mask[rows, :P], position_ids=positions[rows, :P],
                        **cache_arg, cache_position=torch.arange(P, device=device), logits_to_keep=1,
                        use_cache=True).logits[:, -1]
-    # The loop below feeds one token a step: the prompt must be in every attention layer's cache.
-    if any(layer.get_seq_length() != P for layer in cache.layers if isinstance(layer, DynamicLayer)):
+    if not prefix.cache_holds(cache, P):  # the loop below feeds one token a step: the prompt must be there
         raise UserInputError(f"{type(prefix.unwrapped(model)).__name__} did not fill the KV cache its forward was "
                              "given: rlhf's decoding loop needs a causal LM that takes and fills it, as transformers' "
                              "own models do (or rollout.engine=vllm)")

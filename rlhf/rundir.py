@@ -120,7 +120,9 @@ def claim_for_new_run(run_dir: Path, overwrite: bool, command: str = "ppo") -> N
     if not found:
         return
     if not overwrite:
-        if not any((run_dir / "checkpoints").glob("step-*")):  # e.g. a run that failed in its first steps
+        from rlhf.checkpoint import checkpoints  # it imports this module
+
+        if not checkpoints(run_dir / "checkpoints"):  # e.g. a run that failed in its first steps
             raise RunDirectoryError(
                 f"{run_dir} holds a run that saved no checkpoint ({', '.join(found)}): nothing to resume; replace it "
                 f"with `rlhf {command} --overwrite ...` or choose another train.out_dir")
